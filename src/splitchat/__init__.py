@@ -1,0 +1,62 @@
+"""splitchat: POST-in / WebSocket-out real time for any ASGI app.
+
+User actions go in as HTTP POST to a :class:`CommandEndpoint`; events come out over the
+WebSocket :class:`Gateway`; a :class:`Bus` fans them out between processes.
+"""
+
+from __future__ import annotations
+
+from ._auth import (
+    AuthenticationError,
+    Authenticator,
+    ChannelAuthorizer,
+    Principal,
+    StaticTokenAuthenticator,
+    allow_all_channels,
+    bearer_token,
+)
+from ._events import Event, decode_event, encode_event
+from ._snowflake import SPLITCHAT_EPOCH_MS, SnowflakeGenerator, snowflake_time
+from .bus import (
+    Bus,
+    BusError,
+    BusUnavailable,
+    Delivery,
+    Gap,
+    HistoryGone,
+    HistoryUnsupported,
+    InMemoryBus,
+    Position,
+    Subscription,
+    bus_from_url,
+)
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "SPLITCHAT_EPOCH_MS",
+    "AuthenticationError",
+    "Authenticator",
+    "Bus",
+    "BusError",
+    "BusUnavailable",
+    "ChannelAuthorizer",
+    "Delivery",
+    "Event",
+    "Gap",
+    "HistoryGone",
+    "HistoryUnsupported",
+    "InMemoryBus",
+    "Position",
+    "Principal",
+    "SnowflakeGenerator",
+    "StaticTokenAuthenticator",
+    "Subscription",
+    "__version__",
+    "allow_all_channels",
+    "bearer_token",
+    "bus_from_url",
+    "decode_event",
+    "encode_event",
+    "snowflake_time",
+)
