@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import anyio
+import anyio.lowlevel
 import pytest
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -74,7 +75,7 @@ async def test_concurrent_claims_have_exactly_one_owner() -> None:
     states: list[str] = []
 
     async def claim() -> None:
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         states.append((await store.claim("k", "fp", 300)).state)
 
     async with anyio.create_task_group() as tg:

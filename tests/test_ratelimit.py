@@ -67,7 +67,13 @@ def test_headers_when_allowed_and_refused() -> None:
     }
     assert allowed.retry_after == 0
     refused = RateLimitDecision(
-        allowed=False, limit=5, remaining=0, reset=1700000000.25, reset_after=2.0001, bucket="g", scope="global"
+        allowed=False,
+        limit=5,
+        remaining=0,
+        reset=1700000000.25,
+        reset_after=2.0001,
+        bucket="g",
+        scope="global",
     )
     headers = dict(refused.headers())
     assert headers["retry-after"] == "3"
