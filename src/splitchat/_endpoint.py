@@ -52,6 +52,7 @@ _MISSING_FIELD = re.compile(r"^Object missing required field `(?P<field>[^`]*)`$
 _MAX_NONCE = 64
 _MAX_IDEMPOTENCY_KEY = 255
 _MAX_REQUEST_ID = 128
+_MAX_BLOCKED_IPS = 100_000
 
 _encoder = msgspec.json.Encoder()
 _error_encoder = msgspec.json.Encoder()
@@ -360,6 +361,8 @@ class CommandEndpoint:
         self.idempotency_ttl = idempotency_ttl
         self.max_events_per_command = max_events_per_command
         self._commands: list[Command] = []
+        # IP -> (blocked until, guard limit): IPs refused by the invalid-request guard; bounded.
+        self._blocked: dict[str, tuple[float, int]] = {}
 
     # -- declaration -------------------------------------------------------------------------
 
@@ -522,8 +525,35 @@ class CommandEndpoint:
         await _send_reply(send, reply)
         if reply.status in (401, 403, 429) and self.invalid_request_limit is not None and client:
             # Counted after answering: the guard's own bookkeeping never delays the response.
-            await self.rate_limiter.hit(f"invalid:{client}", self.invalid_request_limit, scope="global")
+            await self._count_invalid(client)
         await self._audit(outcome, request_id, scope, client, code, reply.status, started)
+
+    async def _count_invalid(self, client: str) -> None:
+        assert self.invalid_request_limit is not None
+        decision = await self.rate_limiter.hit(
+            f"invalid:{client}", self.invalid_request_limit, bucket="invalid-requests", scope="global"
+        )
+        if decision.remaining == 0:
+            blocked = self._blocked
+            blocked.pop(client, None)
+            while len(blocked) >= _MAX_BLOCKED_IPS:
+                del blocked[next(iter(blocked))]  # oldest block first
+            blocked[client] = (decision.reset, decision.limit)
+
+    def _guard_decision(self, client: str, now: float) -> RateLimitDecision | None:
+        until, limit = self._blocked[client]
+        if until <= now:
+            del self._blocked[client]
+            return None
+        return RateLimitDecision(
+            allowed=False,
+            limit=limit,
+            remaining=0,
+            reset=until,
+            reset_after=until - now,
+            bucket="invalid-requests",
+            scope="global",
+        )
 
     async def _audit(
         self,
@@ -586,11 +616,11 @@ class CommandEndpoint:
         limiter = self.rate_limiter
         now = time.time()
         # 0. Invalid-request guard: an IP that produced too many 401/403/429 is refused at once.
-        if self.invalid_request_limit is not None and client:
-            guard = await limiter.peek(
-                f"invalid:{client}", self.invalid_request_limit, bucket="invalid-requests", scope="global"
-            )
-            if not guard.allowed:
+        # A local dict lookup, not a storage round trip: the block is recorded when the IP's
+        # counter fills up (see _count_invalid).
+        if self._blocked and client in self._blocked:
+            guard = self._guard_decision(client, now)
+            if guard is not None:
                 raise _RateLimited(guard, "You are being blocked from accessing the API temporarily.")
 
         # 1. Route and headers.
@@ -645,11 +675,21 @@ class CommandEndpoint:
         who = f"user:{principal.id}" if principal is not None else f"ip:{client}"
         overall = self.global_rate_limit if principal is not None else self.ip_rate_limit
         shown: RateLimitDecision | None = None
+        has_route_limit = command.rate_limit is not None or command.shared_rate_limit is not None
         if overall is not None:
-            shown = await limiter.hit(f"global:{who}", overall, bucket="global", scope="global", now=now)
-            if not shown.allowed:
-                raise _RateLimited(shown, "You are being rate limited.")
-        if command.rate_limit is not None or command.shared_rate_limit is not None:
+            if has_route_limit:
+                # The headers will show the route bucket: only count here (one storage call).
+                if not await limiter.acquire(f"global:{who}", overall):
+                    refused = await limiter.peek(
+                        f"global:{who}", overall, bucket="global", scope="global", now=now
+                    )
+                    refused.allowed = False
+                    raise _RateLimited(refused, "You are being rate limited.")
+            else:
+                shown = await limiter.hit(f"global:{who}", overall, bucket="global", scope="global", now=now)
+                if not shown.allowed:
+                    raise _RateLimited(shown, "You are being rate limited.")
+        if has_route_limit:
             major = ":".join(params[p] for p in command._major)
             if command.rate_limit is not None:
                 shown = await limiter.hit(
