@@ -37,3 +37,18 @@ async def test_two_nodes_share_one_budget(strategy: str) -> None:
     await node_a.close()
     await node_b.close()
     await node_b.close()  # idempotent
+
+
+async def test_unreachable_redis_is_503_rate_limiter_unavailable() -> None:
+    from splitchat import InMemoryBus
+    from tests.endpoint_support import AUTH, asgi_client, build_endpoint
+
+    # A closed loopback port: the storage cannot connect.
+    limiter = RateLimiter("async+redis://127.0.0.1:1", implementation="redispy")
+    async with InMemoryBus() as bus:
+        async with asgi_client(build_endpoint(bus, rate_limiter=limiter)) as client:
+            response = await client.post("/channels/c/messages", json={"content": "x"}, headers=AUTH)
+        assert response.status_code == 503
+        assert response.json()["code"] == "rate_limiter_unavailable"
+        assert (await bus.current_position("c")).offset == 0
+    await limiter.close()

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import anyio
 import msgspec
+from limits.errors import StorageError
 
 from ._audit import AuditRecord, AuditSink, LoggingAuditSink
 from ._auth import AuthenticationError, Authenticator, ChannelAuthorizer, Principal, allow_all_channels
@@ -511,6 +512,13 @@ class CommandEndpoint:
         except _RateLimited as exc:
             reply = exc.reply
             code = "rate_limited"
+        except StorageError:
+            logger.warning("rate limit storage failed (request %s)", request_id, exc_info=True)
+            body = ErrorBody(
+                code="rate_limiter_unavailable", message="Rate limiting is unavailable; retry later"
+            )
+            reply = _Reply(503, _error_encoder.encode(body))
+            code = "rate_limiter_unavailable"
         except _ClientGone:
             await self._audit(outcome, request_id, scope, client, "client_disconnected", 0, started)
             return
@@ -525,7 +533,10 @@ class CommandEndpoint:
         await _send_reply(send, reply)
         if reply.status in (401, 403, 429) and self.invalid_request_limit is not None and client:
             # Counted after answering: the guard's own bookkeeping never delays the response.
-            await self._count_invalid(client)
+            try:
+                await self._count_invalid(client)
+            except StorageError:
+                logger.warning("rate limit storage failed counting an invalid request", exc_info=True)
         await self._audit(outcome, request_id, scope, client, code, reply.status, started)
 
     async def _count_invalid(self, client: str) -> None:

@@ -157,6 +157,9 @@ class RateLimiter:
             ``async+`` URIs share the budget between processes (asyncio only).
         strategy: ``"moving"`` (default), ``"fixed"`` or ``"sliding"``.
         storage_options: passed to the storage constructor, e.g. ``implementation="redispy"``.
+
+    A storage failure (Redis unreachable) raises ``limits.errors.StorageError``; the command
+    endpoint answers it with 503 ``rate_limiter_unavailable``.
     """
 
     def __init__(
@@ -174,7 +177,7 @@ class RateLimiter:
         self._storage: StorageTypes = (
             _memory_storage()
             if storage == "memory://" and not storage_options
-            else storage_from_string(storage, **storage_options)
+            else storage_from_string(storage, **{"wrap_exceptions": True, **storage_options})
         )
         self._sync: limits.strategies.RateLimiter | None = None
         self._async: limits.aio.strategies.RateLimiter | None = None
