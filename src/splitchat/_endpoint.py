@@ -892,7 +892,10 @@ def _body_nonce(raw: bytes) -> str | None:
     try:
         probe = _nonce_decoder.decode(raw)
     except msgspec.ValidationError as exc:
-        raise _error(400, "invalid_body", "Invalid nonce", _validation_errors(exc)) from None
+        errors = _validation_errors(exc)
+        if "$.nonce" not in errors:
+            return None  # the body is not an object (a list body): it has no nonce member
+        raise _error(400, "invalid_body", "Invalid nonce", errors) from None
     except msgspec.DecodeError:  # pragma: no cover - the body already decoded as JSON
         return None
     if probe.nonce is None:
