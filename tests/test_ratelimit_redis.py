@@ -22,6 +22,15 @@ def anyio_backend() -> str:
 async def test_two_nodes_share_one_budget(strategy: str) -> None:
     node_a = RateLimiter(REDIS, strategy=strategy, implementation="redispy")  # type: ignore[arg-type]
     node_b = RateLimiter(REDIS, strategy=strategy, implementation="redispy")  # type: ignore[arg-type]
+    try:
+        await check_shared_budget(node_a, node_b)
+    finally:
+        await node_a.close()
+        await node_b.close()
+        await node_b.close()  # idempotent
+
+
+async def check_shared_budget(node_a: RateLimiter, node_b: RateLimiter) -> None:
     assert node_a.is_async
     key = f"test:{uuid.uuid4().hex}"
     results = []
@@ -34,9 +43,6 @@ async def test_two_nodes_share_one_budget(strategy: str) -> None:
     assert not (await node_a.peek(key, "4/minute")).allowed
     await node_b.clear(key, "4/minute")
     assert (await node_a.hit(key, "4/minute")).allowed
-    await node_a.close()
-    await node_b.close()
-    await node_b.close()  # idempotent
 
 
 async def test_unreachable_redis_is_503_rate_limiter_unavailable() -> None:
