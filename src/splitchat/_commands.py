@@ -30,7 +30,7 @@ _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-class EventReceipt(msgspec.Struct, frozen=True):
+class EventReceipt(msgspec.Struct, frozen=True, gc=False):
     """Proof of publication returned in the success body's ``"event"`` member.
 
     ``position`` is ``None`` for an ephemeral event (those have no place in history).
