@@ -16,6 +16,15 @@ from ._auth import (
     bearer_token,
 )
 from ._events import Event, decode_event, encode_event
+
+# --- gateway (WebSocket-out half) ---
+from ._frames import ClientFrame, Dispatch, FrameError, decode_client_frame
+from ._gateway import Gateway
+from ._presence import InMemoryPresence, Presence
+from ._protocol import CloseCode, ConnectionState, GatewayConfig, GatewayConnection, Op, SessionState
+from ._sessions import BufferedDispatch, InMemorySessionStore, SessionRecord, SessionStore
+
+# --- end gateway ---
 from ._snowflake import SPLITCHAT_EPOCH_MS, SnowflakeGenerator, snowflake_time
 from .bus import (
     Bus,
@@ -34,6 +43,25 @@ from .bus import (
 __version__ = "0.1.0"
 
 __all__ = (
+    # gateway
+    "BufferedDispatch",
+    "ClientFrame",
+    "CloseCode",
+    "ConnectionState",
+    "Dispatch",
+    "FrameError",
+    "Gateway",
+    "GatewayConfig",
+    "GatewayConnection",
+    "InMemoryPresence",
+    "InMemorySessionStore",
+    "Op",
+    "Presence",
+    "SessionRecord",
+    "SessionState",
+    "SessionStore",
+    "decode_client_frame",
+    # end gateway
     "SPLITCHAT_EPOCH_MS",
     "AuthenticationError",
     "Authenticator",
