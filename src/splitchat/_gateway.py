@@ -359,15 +359,22 @@ class Gateway:
             if item is None:
                 await local.wait()
                 continue
-            if isinstance(item, Close):
-                local.close_sent = True  # nothing left for the fallback in _serve
-                await send({"type": "websocket.close", "code": item.code, "reason": item.reason})
+            try:
+                if isinstance(item, Close):
+                    local.close_sent = True  # nothing left for the fallback in _serve
+                    await send({"type": "websocket.close", "code": item.code, "reason": item.reason})
+                    scope.cancel()
+                    return
+                if isinstance(item, str):
+                    await send({"type": "websocket.send", "text": item})
+                else:
+                    await send({"type": "websocket.send", "bytes": item})
+            except Exception:
+                # The peer is gone (or closed first): the reader sees the disconnect; stop writing.
+                logger.debug("send failed; connection is going away", exc_info=True)
+                local.close_sent = True
                 scope.cancel()
                 return
-            if isinstance(item, str):
-                await send({"type": "websocket.send", "text": item})
-            else:
-                await send({"type": "websocket.send", "bytes": item})
 
     async def _ticker(self, local: _Local) -> None:
         core = local.core
