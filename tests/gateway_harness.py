@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -72,13 +72,18 @@ async def serve(app: Any) -> AsyncIterator[Server]:
     server = uvicorn.Server(config)
     async with anyio.create_task_group() as tg:
         tg.start_soon(server.serve)
-        with anyio.fail_after(10):
-            while not server.started:
-                await anyio.sleep(0.01)
+        await wait_until(lambda: server.started, 10)
         try:
             yield Server(server)
         finally:
             server.should_exit = True
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll state owned by another component (uvicorn, the gateway) until it holds."""
+    with anyio.fail_after(timeout):
+        while not predicate():  # noqa: ASYNC110 - no event to wait on in the observed code
+            await anyio.sleep(0.01)
 
 
 def decode(message: str | bytes) -> dict[str, Any]:

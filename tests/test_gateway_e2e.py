@@ -13,6 +13,7 @@ import pytest
 from splitchat import Gateway, GatewayConnection, InMemoryBus, InMemorySessionStore
 
 from .gateway_harness import (
+    RawClient,
     Server,
     authenticator,
     close_all,
@@ -23,7 +24,7 @@ from .gateway_harness import (
     recv,
     send,
     serve,
-    RawClient,
+    wait_until,
 )
 
 
@@ -110,9 +111,7 @@ async def test_resume_after_abrupt_disconnect_replays_exactly_the_missed_events(
         assert [f["s"] for f in seen] == list(range(3, 13))
         # Cut the TCP connection: no close frame.
         ws.transport.abort()
-        with anyio.fail_after(5):
-            while gateway.connection_count:
-                await anyio.sleep(0.01)
+        await wait_until(lambda: gateway.connection_count == 0)
         for n in range(10, 60):
             await post(http, "room", {"n": n})
 
@@ -157,9 +156,7 @@ async def test_resume_rejections() -> None:
         ws, ready = await identify(server, channels=["room"])
         session_id = ready["d"]["session_id"]
         ws.transport.abort()
-        with anyio.fail_after(5):
-            while gateway.connection_count:
-                await anyio.sleep(0.01)
+        await wait_until(lambda: gateway.connection_count == 0)
         # unknown session -> INVALID_SESSION false (and IDENTIFY is possible again)
         ws2, _ = await _connect_hello(server)
         await send(ws2, {"op": 6, "d": {"token": "token-1", "session_id": "nope", "seq": 1}})
