@@ -104,3 +104,8 @@ async def test_origin_not_allowed_is_denied_before_accept_and_http_gets_426() ->
 
         await gateway({"type": "http"}, nothing, capture)
         assert sent[0]["status"] == 426
+
+
+def test_gateway_can_be_built_at_import_time_without_a_loop() -> None:
+    gateway = Gateway(InMemoryBus(), AUTH)
+    assert gateway.connection_count == 0 and gateway.session_ids() == []

@@ -113,6 +113,9 @@ class Gateway:
             send none; a browser handshake from another site is refused with HTTP 403).
         session_store: where drained sessions wait for a resume on another node.
         presence: channel membership; ``None`` uses an in-memory one.
+        announce_presence: dispatch PRESENCE_UPDATE on first join / last leave. A join storm
+            into one channel of N members costs N^2/2 frames; very large channels turn it off
+            and query ``presence.members()`` instead (membership is tracked either way).
         resume_gateway_url: sent in READY for clients to resume against.
         drain_timeout: seconds ``close()`` waits for clients to receive RECONNECT.
         clock: monotonic seconds (tests may pass a fake one).
@@ -136,6 +139,7 @@ class Gateway:
         session_store: SessionStore | None = None,
         presence: Presence | None = None,
         resume_gateway_url: str | None = None,
+        announce_presence: bool = True,
         drain_timeout: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -161,18 +165,21 @@ class Gateway:
         )
         self.presence: Presence = presence if presence is not None else InMemoryPresence()
         self.drain_timeout = drain_timeout
+        self.announce_presence = announce_presence
         self._clock = clock
         self._ids = SnowflakeGenerator(secrets.randbelow(1024))
         self._routes: dict[str, set[_Local]] = {}
         self._sessions: dict[str, _Local] = {}  # session id -> host (attached or detached)
         self._connections: set[_Local] = set()  # attached connections
-        self._idle = anyio.Event()
+        # anyio primitives need a running loop: they are made in start(), so a Gateway can be
+        # built at import time like any ASGI app.
+        self._idle: anyio.Event | None = None
         self._hub: Subscription | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._accepting = False
         self._drained = False
-        self._background_scope = anyio.CancelScope()
-        self._background_done = anyio.Event()
+        self._background_scope: anyio.CancelScope | None = None
+        self._background_done: anyio.Event | None = None
         self._next_connection = 0
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -191,6 +198,7 @@ class Gateway:
         self._accepting = True
 
     async def _background(self, hub: Subscription) -> None:
+        assert self._background_scope is not None and self._background_done is not None
         try:
             with self._background_scope:
                 async with anyio.create_task_group() as tg:
@@ -218,8 +226,9 @@ class Gateway:
                 await self._idle.wait()
         # Stop fan-out first, so the snapshots' positions are final: whatever is published from
         # here on is found by the next node in bus history after those positions.
-        self._background_scope.cancel()
-        await self._background_done.wait()
+        if self._background_scope is not None and self._background_done is not None:
+            self._background_scope.cancel()
+            await self._background_done.wait()
         if self._hub is not None:
             await self._hub.aclose()
         expires_at = time.time() + self.config.resume_window
@@ -306,7 +315,7 @@ class Gateway:
                     pass
         finally:
             self._connections.discard(local)
-            if not self._connections:
+            if not self._connections and self._idle is not None:
                 self._idle.set()
             await self._detach(local)
 
@@ -606,6 +615,8 @@ class Gateway:
                 await self._announce(channel, session.principal, "offline")
 
     async def _announce(self, channel: str, principal: Principal, status: str) -> None:
+        if not self.announce_presence:
+            return
         data = {"channel": channel, "user": principal.identity(), "status": status}
         payload = encode_event(
             id=self._ids.next_str(), type="PRESENCE_UPDATE", channel=channel, data=data, ephemeral=True
