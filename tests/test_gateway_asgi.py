@@ -109,3 +109,25 @@ async def test_origin_not_allowed_is_denied_before_accept_and_http_gets_426() ->
 def test_gateway_can_be_built_at_import_time_without_a_loop() -> None:
     gateway = Gateway(InMemoryBus(), AUTH)
     assert gateway.connection_count == 0 and gateway.session_ids() == []
+
+
+async def test_abrupt_disconnect_keeps_the_session_for_the_resume_window_only() -> None:
+    async with InMemoryBus() as bus, Gateway(bus, AUTH, resume_window=0.4) as gateway:
+        to_app_send, to_app_receive = anyio.create_memory_object_stream[Any](100)
+        from_app_send, from_app_receive = anyio.create_memory_object_stream[Any](100)
+        scope = {"type": "websocket", "path": "/gateway", "query_string": b"", "headers": []}
+        async with to_app_send, to_app_receive, from_app_send, from_app_receive:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(gateway, scope, to_app_receive.receive, from_app_send.send)
+                client = Client(to_app_send, from_app_receive)
+                await to_app_send.send({"type": "websocket.connect"})
+                await client.message()
+                await client.frame()
+                await client.send({"op": 2, "d": {"token": "t", "subscriptions": ["c"]}})
+                session_id = (await client.frame())["d"]["session_id"]
+                await to_app_send.send({"type": "websocket.disconnect", "code": 1006})
+        assert gateway.session_ids() == [session_id]  # resumable for a while
+        await bus.publish("c", encode_event(id="1", type="X", channel="c", data=1))
+        with anyio.fail_after(3):
+            while gateway.session_ids():  # noqa: ASYNC110 - the expiry sweep is internal
+                await anyio.sleep(0.05)

@@ -419,3 +419,28 @@ async def test_drain_reconnect_then_resume_on_another_gateway() -> None:
                     assert live["s"] > got[-1]["s"]
                     await ws2.close()
         assert len(store) == 0  # a session is resumed at most once
+
+
+async def test_resume_while_the_old_socket_is_still_open_supersedes_it() -> None:
+    async with running() as (server, gateway, bus, http):
+        old, ready = await identify(server, channels=["room"])
+        session_id = ready["d"]["session_id"]
+        await recv(old)  # presence online
+        await post(http, "room", {"n": 1})
+        first = await recv(old)
+        ws, _ = await _connect_hello(server)
+        await send(ws, {"op": 6, "d": {"token": "token-1", "session_id": session_id, "seq": first["s"]}})
+        got = [await recv(ws)]
+        while got[-1].get("t") != "RESUMED":
+            got.append(await recv(ws))
+        await expect_close(old, 4000)
+        await post(http, "room", {"n": 2})
+        live = await recv(ws)
+        while live.get("t") != "MESSAGE_CREATE":
+            live = await recv(ws)
+        assert live["d"] == {"n": 2}
+        assert [m["id"] for m in await gateway.presence.members("room")] == ["u1"]
+        assert gateway.session_ids() == [session_id]
+        await ws.close()
+        await wait_until(lambda: not gateway.session_ids())
+        assert await gateway.presence.members("room") == []

@@ -485,6 +485,11 @@ class Gateway:
             if old.state is not ConnectionState.CLOSED:
                 # The client came back before we noticed it left: the old socket is superseded.
                 self._after(host, old.force_close(4000, "session resumed elsewhere", resumable=True))
+                host.attached = False
+                await self._presence_leave(host, old.session.channels)
+                if self._sessions.get(request.session_id) is not host or old.session is None:
+                    await self._apply(local, core.resume_rejected(True, self._clock()))
+                    return  # someone else resumed it meanwhile
             if not old.resumable:
                 await self._apply(local, core.resume_rejected(True, self._clock()))
                 return
@@ -510,6 +515,8 @@ class Gateway:
             return
         record = await self.session_store.take(request.session_id)
         if record is None or record.principal.id != principal.id:
+            if record is not None:
+                await self.session_store.save(record)  # not theirs: leave it for its owner
             await self._apply(local, core.resume_rejected(True, self._clock()))
             return
         # Other node: subscribe live first (deliveries are held by the machine), then rebuild what
