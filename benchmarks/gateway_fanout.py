@@ -34,6 +34,7 @@ CHANNEL = "bench"
 
 def run_server() -> None:
     import os
+
     import uvicorn
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -53,7 +54,9 @@ def run_server() -> None:
     async def publish(request: Request) -> Response:
         nonlocal counter
         counter += 1
-        payload = encode_event(id=str(counter), type="BENCH", channel=CHANNEL, data=json.loads(await request.body()))
+        payload = encode_event(
+            id=str(counter), type="BENCH", channel=CHANNEL, data=json.loads(await request.body())
+        )
         await bus.publish(CHANNEL, payload)
         return Response(status_code=204)
 
@@ -75,7 +78,7 @@ def run_server() -> None:
         )
         server = uvicorn.Server(config)
         task = asyncio.create_task(server.serve())
-        while not server.started:
+        while not server.started:  # noqa: ASYNC110 - uvicorn exposes no event for this
             await asyncio.sleep(0.01)
         print(server.servers[0].sockets[0].getsockname()[1], flush=True)
         await task
@@ -157,7 +160,9 @@ def percentile(values: list[float], p: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--events", type=int, default=200)
     parser.add_argument("--rate", type=float, default=50.0, help="max events per second")
