@@ -253,12 +253,26 @@ class ClientSession:
             self.phase = Phase.CLOSING
             return [CloseSocket(RECONNECT_CLOSE_CODE, "server asked to reconnect")]
         if op == Opcode.INVALID_SESSION:
-            self.phase = Phase.CLOSING
-            if frame.d is True and self.session_id is not None:
-                return [CloseSocket(RECONNECT_CLOSE_CODE, "invalid session (resumable)")]
-            self._drop_session("invalid_session")
-            return [CloseSocket(CloseCode.NORMAL, "invalid session")]
+            return self._on_invalid_session(frame.d is True)
         return []  # unknown opcodes from a newer server are ignored
+
+    def _on_invalid_session(self, resumable: bool) -> list[Action]:
+        if resumable and self.session_id is not None:
+            self.phase = Phase.CLOSING
+            return [CloseSocket(RECONNECT_CLOSE_CODE, "invalid session (resumable)")]
+        self._drop_session("invalid_session")
+        if self.phase == Phase.AWAIT_READY:
+            # A RESUME was refused; the server waits for an IDENTIFY on this same connection.
+            return [self._identify()]
+        self.phase = Phase.CLOSING
+        return [CloseSocket(CloseCode.NORMAL, "invalid session")]
+
+    def _identify(self) -> SendFrame:
+        self.seq = 0
+        identify: dict[str, Any] = {"token": self._token, "subscriptions": list(self.desired)}
+        if self._properties:
+            identify["properties"] = self._properties
+        return SendFrame(Opcode.IDENTIFY, identify)
 
     def _on_hello(self, frame: Frame, now: float) -> list[Action]:
         if self.phase != Phase.AWAIT_HELLO:
@@ -274,11 +288,7 @@ class ClientSession:
                     Opcode.RESUME, {"token": self._token, "session_id": self.session_id, "seq": self.seq}
                 )
             ]
-        self.seq = 0
-        identify: dict[str, Any] = {"token": self._token, "subscriptions": list(self.desired)}
-        if self._properties:
-            identify["properties"] = self._properties
-        return [SendFrame(Opcode.IDENTIFY, identify)]
+        return [self._identify()]
 
     def _on_dispatch(self, frame: Frame) -> list[Action]:
         s = frame.s
@@ -290,10 +300,11 @@ class ClientSession:
         d = frame.d
         if t == "READY":
             return self._on_ready(s, d)
-        if self.phase != Phase.CONNECTED and t != "RESUMED":
+        resuming = self.phase == Phase.AWAIT_READY and self.session_id is not None
+        if self.phase != Phase.CONNECTED and not resuming:
             return []
         self.seq = s
-        if t == "RESUMED":
+        if t == "RESUMED" and resuming:
             self.phase = Phase.CONNECTED
             self.established = True
             info = d if isinstance(d, Mapping) else {}
