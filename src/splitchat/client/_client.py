@@ -55,9 +55,10 @@ def _gateway_url(base_url: str, path: str, encoding: str) -> str:
 
 def _with_encoding(url: str, encoding: str) -> str:
     parts = urlsplit(url)
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
     query = dict(parse_qsl(parts.query))
     query.setdefault("encoding", encoding)
-    return urlunsplit((parts.scheme, parts.netloc, parts.path or "/", urlencode(query), ""))
+    return urlunsplit((scheme, parts.netloc, parts.path or "/", urlencode(query), ""))
 
 
 class _FrameBudget:
@@ -99,7 +100,8 @@ class SplitchatClient:
 
     ``base_url`` is the server root (``http://host:port``); commands go to
     ``base_url + api_prefix + path`` with ``Authorization: Bearer <token>``; the gateway is
-    ``base_url + gateway_path`` (``ws``/``wss`` derived from the scheme). Use as an async
+    ``base_url + gateway_path`` (``ws``/``wss`` derived from the scheme) unless ``gateway_url``
+    (a full ``ws(s)://`` URL) says otherwise. Use as an async
     context manager; leaving it closes the socket, the HTTP pool and every task.
 
     Guarantees: every dispatch reaches :meth:`events` at most once and in the order the
@@ -119,6 +121,7 @@ class SplitchatClient:
         encoding: Encoding = "json",
         properties: Mapping[str, Any] | None = None,
         gateway: bool = True,
+        gateway_url: str | None = None,
         reconnect_min_delay: float = 0.5,
         reconnect_max_delay: float = 30.0,
         stable_after: float = 5.0,
@@ -141,7 +144,11 @@ class SplitchatClient:
         self._token = token
         self._encoding: Encoding = encoding
         self._codec = FrameCodec(encoding)
-        self.gateway_url = _gateway_url(self._base_url, gateway_path, encoding)
+        self.gateway_url = (
+            _with_encoding(gateway_url, encoding)
+            if gateway_url
+            else _gateway_url(self._base_url, gateway_path, encoding)
+        )
         self._gateway_enabled = gateway
         self._session = ClientSession(
             token=token,
