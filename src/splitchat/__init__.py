@@ -6,6 +6,8 @@ WebSocket :class:`Gateway`; a :class:`Bus` fans them out between processes.
 
 from __future__ import annotations
 
+# -- command endpoint (POST-in half) --
+from ._audit import AuditRecord, AuditSink, LoggingAuditSink
 from ._auth import (
     AuthenticationError,
     Authenticator,
@@ -15,7 +17,28 @@ from ._auth import (
     allow_all_channels,
     bearer_token,
 )
+from ._endpoint import Command, CommandContext, CommandEndpoint, EventReceipt
+from ._errors import ErrorBody, HTTPError
 from ._events import Event, decode_event, encode_event
+
+# -- end command endpoint --
+# --- gateway (WebSocket-out half) ---
+from ._frames import ClientFrame, Dispatch, FrameError, decode_client_frame
+from ._gateway import Gateway
+from ._idempotency import (
+    ClaimResult,
+    IdempotencyStore,
+    InMemoryIdempotencyStore,
+    StoredResponse,
+    request_fingerprint,
+)
+from ._lifespan import Lifecycle, lifespan
+from ._presence import InMemoryPresence, Presence
+from ._protocol import CloseCode, ConnectionState, GatewayConfig, GatewayConnection, Op, SessionState
+from ._ratelimit import RateLimitDecision, RateLimiter, RateLimitScope, RateLimitStrategy, parse_limit
+from ._sessions import BufferedDispatch, InMemorySessionStore, SessionRecord, SessionStore
+
+# --- end gateway ---
 from ._snowflake import SPLITCHAT_EPOCH_MS, SnowflakeGenerator, snowflake_time
 from .bus import (
     Bus,
@@ -34,6 +57,48 @@ from .bus import (
 __version__ = "0.1.0"
 
 __all__ = (
+    # -- command endpoint (POST-in half) --
+    "AuditRecord",
+    "AuditSink",
+    "ClaimResult",
+    "Command",
+    "CommandContext",
+    "CommandEndpoint",
+    "ErrorBody",
+    "EventReceipt",
+    "HTTPError",
+    "IdempotencyStore",
+    "InMemoryIdempotencyStore",
+    "Lifecycle",
+    "LoggingAuditSink",
+    "RateLimitDecision",
+    "RateLimitScope",
+    "RateLimitStrategy",
+    "RateLimiter",
+    "StoredResponse",
+    "lifespan",
+    "parse_limit",
+    "request_fingerprint",
+    # -- end command endpoint --
+    # gateway
+    "BufferedDispatch",
+    "ClientFrame",
+    "CloseCode",
+    "ConnectionState",
+    "Dispatch",
+    "FrameError",
+    "Gateway",
+    "GatewayConfig",
+    "GatewayConnection",
+    "InMemoryPresence",
+    "InMemorySessionStore",
+    "Op",
+    "Presence",
+    "SessionRecord",
+    "SessionState",
+    "SessionStore",
+    "decode_client_frame",
+    # end gateway
     "SPLITCHAT_EPOCH_MS",
     "AuthenticationError",
     "Authenticator",
