@@ -1,8 +1,9 @@
 """A tiny loopback TCP proxy for fault injection in end-to-end tests (anyio; asyncio and trio).
 
 ``cut()`` resets every open connection on both sides (SO_LINGER 0, so the peers see RST rather
-than a polite FIN); ``stall()`` stops forwarding in both directions while keeping the sockets
-open (a zombie connection: nothing arrives, nothing fails); ``refuse = True`` resets every new
+than a polite FIN); ``stall()`` stops forwarding on the connections open right now, in both
+directions, while keeping their sockets open (a zombie connection: nothing arrives, nothing
+fails; new connections flow normally); ``refuse = True`` resets every new
 connection right after accepting it. ``attempt_times`` records when each connection arrived.
 """
 
@@ -35,8 +36,7 @@ class TcpProxy:
         self.port = 0
         self.refuse = False
         self.attempt_times: list[float] = []
-        self._flowing = anyio.Event()
-        self._flowing.set()
+        self._flowing: dict[tuple[anyio.abc.SocketStream, anyio.abc.SocketStream], anyio.Event] = {}
         self._connections: set[tuple[anyio.abc.SocketStream, anyio.abc.SocketStream]] = set()
         self._cut_scopes: set[anyio.CancelScope] = set()
         self._task_group: anyio.abc.TaskGroup | None = None
@@ -59,7 +59,7 @@ class TcpProxy:
     ) -> None:
         assert self._task_group is not None and self._listener is not None
         self._task_group.cancel_scope.cancel()
-        await self._task_group.__aexit__(exc_type, exc, tb)
+        await self._task_group.__aexit__(None, None, None)
         await self._listener.aclose()
 
     @property
@@ -76,14 +76,17 @@ class TcpProxy:
             scope.cancel()
         return count
 
-    def stall(self) -> None:
-        """Stop forwarding both ways (sockets stay open): the connection turns into a zombie."""
-        if self._flowing.is_set():
-            self._flowing = anyio.Event()
+    def stall(self) -> int:
+        """Stop forwarding both ways on every open connection (sockets stay open); return how many."""
+        for pair in self._connections:
+            if self._flowing[pair].is_set():
+                self._flowing[pair] = anyio.Event()
+        return len(self._connections)
 
     def unstall(self) -> None:
-        """Forward again (what was held is delivered)."""
-        self._flowing.set()
+        """Forward again on the stalled connections (what was held is delivered)."""
+        for event in self._flowing.values():
+            event.set()
 
     async def _handle(self, client: anyio.abc.SocketStream) -> None:
         self.attempt_times.append(anyio.current_time())
@@ -99,26 +102,33 @@ class TcpProxy:
             return
         pair = (client, upstream)
         self._connections.add(pair)
-        with anyio.CancelScope() as scope:
-            self._cut_scopes.add(scope)
-            try:
+        self._flowing[pair] = anyio.Event()
+        self._flowing[pair].set()
+        try:
+            with anyio.CancelScope() as scope:
+                self._cut_scopes.add(scope)
                 async with anyio.create_task_group() as task_group:
-                    task_group.start_soon(self._pump, client, upstream, task_group.cancel_scope)
-                    task_group.start_soon(self._pump, upstream, client, task_group.cancel_scope)
-            finally:
-                self._cut_scopes.discard(scope)
-        self._connections.discard(pair)
-        with anyio.CancelScope(shield=True):
-            await client.aclose()
-            await upstream.aclose()
+                    task_group.start_soon(self._pump, pair, client, upstream, task_group.cancel_scope)
+                    task_group.start_soon(self._pump, pair, upstream, client, task_group.cancel_scope)
+        finally:
+            self._cut_scopes.discard(scope)
+            self._connections.discard(pair)
+            self._flowing.pop(pair).set()
+            with anyio.CancelScope(shield=True):
+                await client.aclose()
+                await upstream.aclose()
 
     async def _pump(
-        self, src: anyio.abc.SocketStream, dst: anyio.abc.SocketStream, scope: anyio.CancelScope
+        self,
+        pair: tuple[anyio.abc.SocketStream, anyio.abc.SocketStream],
+        src: anyio.abc.SocketStream,
+        dst: anyio.abc.SocketStream,
+        scope: anyio.CancelScope,
     ) -> None:
         try:
             while True:
                 data = await src.receive(65536)
-                await self._flowing.wait()
+                await self._flowing[pair].wait()
                 await dst.send(data)
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             pass

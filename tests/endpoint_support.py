@@ -121,7 +121,9 @@ def build_endpoint(bus: InMemoryBus, **options: Any) -> CommandEndpoint:
             raise HTTPError(404, "unknown_message", "Unknown message")
         ctx.publish("MESSAGE_DELETE", {"id": ctx.params["message_id"]})
 
-    @endpoint.command("POST", "/channels/{channel_id}/typing", channel="{channel_id}", status=204, name="typing")
+    @endpoint.command(
+        "POST", "/channels/{channel_id}/typing", channel="{channel_id}", status=204, name="typing"
+    )
     async def typing(ctx: CommandContext) -> None:
         """Signal typing (ephemeral)."""
         ctx.publish("TYPING_START", {"user_id": ctx.user.id}, ephemeral=True)

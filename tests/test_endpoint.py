@@ -99,7 +99,9 @@ async def test_post_creates_object_and_publishes_event_at_returned_position(
     assert json.loads(bytes(event.data)) == {k: v for k, v in body.items() if k != "event"}
 
 
-async def test_query_publishes_nothing_and_patch_delete_work(bus: InMemoryBus, client: httpx.AsyncClient) -> None:
+async def test_query_publishes_nothing_and_patch_delete_work(
+    bus: InMemoryBus, client: httpx.AsyncClient
+) -> None:
     created = (await client.post("/channels/c/messages", json={"content": "a"}, headers=AUTH)).json()
     got = await client.get(f"/channels/c/messages/{created['id']}", headers=AUTH)
     assert got.status_code == 200
@@ -120,7 +122,9 @@ async def test_query_publishes_nothing_and_patch_delete_work(bus: InMemoryBus, c
     assert deleted.headers["x-event-position"].endswith(":3")
 
 
-async def test_ephemeral_event_has_no_position_and_no_history(bus: InMemoryBus, client: httpx.AsyncClient) -> None:
+async def test_ephemeral_event_has_no_position_and_no_history(
+    bus: InMemoryBus, client: httpx.AsyncClient
+) -> None:
     async with bus.subscribe(["room"]) as sub:
         response = await client.post("/channels/room/typing", headers=AUTH)
         assert response.status_code == 204
@@ -296,7 +300,9 @@ async def test_sixth_post_in_window_is_429_with_headers_and_retry_after(
     assert await event_count(bus, "c") == 5
     # Another channel is another bucket (major parameter); another user has their own budget.
     assert (await client.post("/channels/d/messages", json={"content": "x"}, headers=AUTH)).status_code == 200
-    assert (await client.post("/channels/c/messages", json={"content": "x"}, headers=BOB_AUTH)).status_code == 200
+    assert (
+        await client.post("/channels/c/messages", json={"content": "x"}, headers=BOB_AUTH)
+    ).status_code == 200
 
 
 async def test_global_per_principal_limit_is_429_global(bus: InMemoryBus) -> None:
@@ -334,7 +340,9 @@ async def test_invalid_request_guard_blocks_abusive_ip(bus: InMemoryBus) -> None
     endpoint = build_endpoint(bus, invalid_request_limit="3/minute")
     async with asgi_client(endpoint, client=("10.0.0.9", 1)) as abuser, asgi_client(endpoint) as other:
         for _ in range(3):
-            assert (await abuser.get("/channels/c/messages/1", headers={"Authorization": "Bearer x"})).status_code == 401
+            assert (
+                await abuser.get("/channels/c/messages/1", headers={"Authorization": "Bearer x"})
+            ).status_code == 401
         blocked = await abuser.get("/status", headers=AUTH)
         assert blocked.status_code == 429
         assert blocked.json()["global"] is True
@@ -362,7 +370,9 @@ async def test_400_invalid_json(client: httpx.AsyncClient) -> None:
         ({"content": "x", "tts": "yes"}, "$.tts"),
     ],
 )
-async def test_400_invalid_body_reports_field_path(client: httpx.AsyncClient, payload: Any, path: str) -> None:
+async def test_400_invalid_body_reports_field_path(
+    client: httpx.AsyncClient, payload: Any, path: str
+) -> None:
     response = await client.post("/channels/c/messages", json=payload, headers=AUTH)
     body = assert_error(response, 400, "invalid_body")
     assert list(body["errors"]) == [path]
@@ -377,7 +387,12 @@ async def test_400_from_handler(client: httpx.AsyncClient) -> None:
 
 @pytest.mark.parametrize(
     "headers",
-    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic abc"}, {"Authorization": f"Token {TOKEN}"}],
+    [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": "Basic abc"},
+        {"Authorization": f"Token {TOKEN}"},
+    ],
 )
 async def test_401_unauthorized(bus: InMemoryBus, client: httpx.AsyncClient, headers: dict[str, str]) -> None:
     response = await client.post("/channels/c/messages", json={"content": "x"}, headers=headers)
@@ -392,7 +407,9 @@ async def test_403_forbidden_channel_scope_and_handler(client: httpx.AsyncClient
     no_scope = await client.post("/admin/broadcast", json={"content": "x"}, headers=AUTH)
     assert_error(no_scope, 403, "forbidden")
     created = (await client.post("/channels/c/messages", json={"content": "a"}, headers=AUTH)).json()
-    not_yours = await client.patch(f"/channels/c/messages/{created['id']}", json={"content": "b"}, headers=BOB_AUTH)
+    not_yours = await client.patch(
+        f"/channels/c/messages/{created['id']}", json={"content": "b"}, headers=BOB_AUTH
+    )
     assert_error(not_yours, 403, "forbidden")
 
 
@@ -526,10 +543,14 @@ async def test_audit_records_every_command_and_never_logs_tokens(
 ) -> None:
     with caplog.at_level(logging.DEBUG):
         await client.post(
-            "/channels/c/messages", json={"content": "x", "nonce": "n1"}, headers={**AUTH, "X-Request-Id": "r1"}
+            "/channels/c/messages",
+            json={"content": "x", "nonce": "n1"},
+            headers={**AUTH, "X-Request-Id": "r1"},
         )
         await client.post("/channels/c/messages", json={"content": "x", "nonce": "n1"}, headers=AUTH)
-        await client.post("/channels/c/messages", json={"content": "x"}, headers={"Authorization": "Bearer leaked-1"})
+        await client.post(
+            "/channels/c/messages", json={"content": "x"}, headers={"Authorization": "Bearer leaked-1"}
+        )
         await client.post("/buggy", headers=AUTH)
     audit = [r.audit for r in caplog.records if r.name == "splitchat.audit"]  # type: ignore[attr-defined]
     assert [a.outcome for a in audit] == ["ok", "replayed", "unauthorized", "internal_error"]
@@ -654,5 +675,7 @@ async def test_endpoint_runs_its_own_lifespan_as_top_level_app() -> None:
 
 async def test_rate_limiter_is_reusable_for_gateway_frames() -> None:
     limiter = RateLimiter()
-    decisions = [await limiter.hit("session:abc", "3/minute", bucket="gateway", scope="user") for _ in range(4)]
+    decisions = [
+        await limiter.hit("session:abc", "3/minute", bucket="gateway", scope="user") for _ in range(4)
+    ]
     assert [d.allowed for d in decisions] == [True, True, True, False]

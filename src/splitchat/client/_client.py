@@ -202,7 +202,7 @@ class SplitchatClient:
         try:
             if task_group is not None:
                 task_group.cancel_scope.cancel()
-                await task_group.__aexit__(exc_type, exc, tb)
+                await task_group.__aexit__(None, None, None)
         finally:
             with anyio.CancelScope(shield=True):
                 if self._ws is not None:

@@ -123,7 +123,7 @@ class GatewayCommunicator:
         with anyio.move_on_after(self.timeout):
             await self._app_done.wait()
         self._task_group.cancel_scope.cancel()
-        await self._task_group.__aexit__(exc_type, exc, tb)
+        await self._task_group.__aexit__(None, None, None)
         if self._app_error is not None and exc is None:
             raise self._app_error
 
