@@ -41,6 +41,7 @@ class ClientStats:
     identifies: int = 0
     resumes: int = 0
     zombie_closes: int = 0
+    backpressure_waits: int = 0
     last_close_code: int | None = None
 
 
@@ -62,22 +63,16 @@ def _with_encoding(url: str, encoding: str) -> str:
 
 
 class _FrameBudget:
-    """Client-side mirror of the server's frame budget, so the client is never the one cut off.
+    """Client-side mirror of the server's per-connection frame budget (heartbeats exempt).
 
-    Heartbeats are always sent (they are what keeps the session alive) but counted; other
-    control frames wait until they fit in ``budget - reserve`` within the sliding window, the
-    reserve being the heartbeats one window needs.
+    Control frames (SUBSCRIBE, UNSUBSCRIBE ...) wait until they fit, keeping one frame of
+    margin, so the client is never the one cut off with 4008. Reset on every new connection.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, budget: int = 120, window: float = 60.0) -> None:
         self._sent: deque[float] = deque()
-        self.budget = 120
-        self.window = 60.0
-        self.reserve = 4
-
-    def configure(self, budget: int, window: float, heartbeat_interval: float) -> None:
-        self.budget, self.window = budget, window
-        self.reserve = min(budget - 1, math.ceil(window / heartbeat_interval) + 2)
+        self.budget = budget
+        self.window = window
 
     def _expire(self, now: float) -> None:
         while self._sent and now - self._sent[0] >= self.window:
@@ -89,7 +84,7 @@ class _FrameBudget:
 
     def wait_time(self, now: float) -> float:
         self._expire(now)
-        allowed = max(1, self.budget - self.reserve)
+        allowed = max(1, self.budget - 1)
         if len(self._sent) < allowed:
             return 0.0
         return self._sent[len(self._sent) - allowed] + self.window - now
@@ -337,7 +332,7 @@ class SplitchatClient:
         code: int | None = None
         try:
             async with anyio.create_task_group() as task_group:
-                task_group.start_soon(self._timer_loop, ws, handshake_deadline)
+                task_group.start_soon(self._timer_loop, ws, handshake_deadline, task_group.cancel_scope)
                 code = await self._read_loop(ws)
                 task_group.cancel_scope.cancel()
         finally:
@@ -362,10 +357,7 @@ class SplitchatClient:
             was = session.phase
             actions = session.receive(frame, anyio.current_time())
             if was == Phase.AWAIT_HELLO and session.phase == Phase.AWAIT_READY:
-                limits = session.limits
-                self._budget.configure(
-                    limits.frame_budget, limits.frame_budget_window, limits.heartbeat_interval
-                )
+                self._budget = _FrameBudget(session.limits.frame_budget, session.limits.frame_budget_window)
                 if session.session_id is not None:
                     self.stats.resumes += 1
                 else:
@@ -374,15 +366,18 @@ class SplitchatClient:
             if await self._apply(ws, actions):
                 return self._local_close
 
-    async def _timer_loop(self, ws: WebSocket, handshake_deadline: float) -> None:
+    async def _timer_loop(self, ws: WebSocket, handshake_deadline: float, scope: anyio.CancelScope) -> None:
+        """Heartbeats and deadlines; a close decided here also stops the reader (``scope``)."""
         session = self._session
         while True:
             now = anyio.current_time()
             if session.phase in (Phase.AWAIT_HELLO, Phase.AWAIT_READY) and now >= handshake_deadline:
                 await self._close(ws, CloseSocket(4000, "no HELLO/READY in time"))
+                scope.cancel()
                 return
             actions = session.tick(now, reader_blocked=self._reader_blocked)
             if actions and await self._apply(ws, actions):
+                scope.cancel()
                 return
             deadline = session.next_deadline()
             if session.phase in (Phase.AWAIT_HELLO, Phase.AWAIT_READY):
@@ -415,16 +410,17 @@ class SplitchatClient:
         await ws.close(action.code, action.reason, timeout=1.0)
 
     async def _send_frame(self, ws: WebSocket, action: SendFrame) -> None:
-        if action.op != Opcode.HEARTBEAT:
-            # Control frames (identify, subscribe ...) respect the budget and RATE_LIMITED;
-            # heartbeats never wait: they are what keeps the session alive.
+        if action.op in (Opcode.SUBSCRIBE, Opcode.UNSUBSCRIBE):
+            # These respect the budget and RATE_LIMITED. Heartbeats never wait (they keep the
+            # session alive, and the server exempts them); IDENTIFY/RESUME open a connection,
+            # whose budget is fresh.
             while True:
                 now = anyio.current_time()
                 wait = max(self._budget.wait_time(now), self._rate_limited_until - now)
                 if wait <= 0:
                     break
                 await anyio.sleep(wait)
-        self._budget.record(anyio.current_time())
+            self._budget.record(anyio.current_time())
         await ws.send(self._codec.encode(action.op, action.d))
 
     async def _deliver(self, item: ClientEvent) -> None:
@@ -437,6 +433,7 @@ class SplitchatClient:
         except anyio.WouldBlock:
             # Backpressure: stop reading the socket until the app makes room.
             self._reader_blocked = True
+            self.stats.backpressure_waits += 1
             try:
                 await self._out_send.send(item)
             finally:

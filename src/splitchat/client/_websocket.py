@@ -96,8 +96,11 @@ class WebSocket:
             ws = WSConnection(ConnectionType.CLIENT)
             host = parts.netloc.rpartition("@")[2]
             extra = [(k.encode(), v.encode()) for k, v in headers or []]
-            await stream.send(ws.send(Request(host=host, target=target, extra_headers=extra)))
             socket = cls(stream, ws, max_message_bytes)
+            try:
+                await stream.send(ws.send(Request(host=host, target=target, extra_headers=extra)))
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+                raise ConnectionClosed(ABNORMAL_CLOSURE, "connection lost during handshake") from exc
             await socket._handshake()
         except BaseException:
             await anyio.aclose_forcefully(stream)
