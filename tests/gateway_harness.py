@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -108,6 +109,16 @@ async def identify(
     ready = await recv(ws)
     assert ready["op"] == 0 and ready["t"] == "READY", ready
     return ws, ready
+
+
+def small_receive_buffer_socket(server: Server) -> socket.socket:
+    """A connected client socket whose kernel receive buffer is tiny and not auto-tuned, so a
+    client that stops reading pushes back on the server within a few kilobytes."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    sock.setblocking(False)
+    return sock
 
 
 async def send(ws: ClientConnection, frame: dict[str, Any], encoding: str = "json") -> None:

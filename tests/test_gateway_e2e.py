@@ -22,6 +22,7 @@ from .gateway_harness import (
     recv,
     send,
     serve,
+    small_receive_buffer_socket,
 )
 
 
@@ -219,9 +220,7 @@ async def test_close_4003_identify_timeout_and_4009_missed_heartbeat() -> None:
         await expect_close(ws, 4009)  # 1.5 x 0.2 s without a heartbeat
         # ... and the session stays resumable
         ws2, _ = await _connect_hello(server)
-        await send(
-            ws2, {"op": 6, "d": {"token": "token-1", "session_id": ready["d"]["session_id"], "seq": 1}}
-        )
+        await send(ws2, {"op": 6, "d": {"token": "token-1", "session_id": ready["d"]["session_id"], "seq": 1}})
         frames = [await recv(ws2)]
         while frames[-1].get("t") != "RESUMED":
             frames.append(await recv(ws2))
@@ -248,23 +247,16 @@ async def test_frame_budget_rate_limited_then_4008() -> None:
 
 
 async def test_slow_consumer_4010_while_others_keep_receiving() -> None:
-    events = 400
+    events = 300
     queue_frames = 20
-    async with running(send_queue_frames=queue_frames, send_queue_bytes=1 << 20) as (
-        server,
-        gateway,
-        bus,
-        http,
-    ):
-        # The stalled client: tiny receive buffers so TCP backpressure reaches the server quickly.
-        stalled, ready = await identify(server, token="token-0", channels=["busy"], max_queue=1)
+    async with running(send_queue_frames=queue_frames) as (server, gateway, bus, http):
+        # The stalled client stops reading from its socket; a private bulk channel fills the TCP
+        # buffers quickly so the server-side writer blocks and the bounded outbox overflows.
+        stalled, ready = await identify(
+            server, token="token-0", channels=["busy", "bulk"], max_queue=1, sock=small_receive_buffer_socket(server)
+        )
         stalled_session = ready["d"]["session_id"]
-        stalled.transport.set_write_buffer_limits(0)
-        sock = stalled.transport.get_extra_info("socket")
-        import socket as socket_module
-
-        sock.setsockopt(socket_module.SOL_SOCKET, socket_module.SO_RCVBUF, 4096)
-        stalled.transport.pause_reading()  # stop reading from the socket entirely
+        stalled.transport.pause_reading()
         others = [(await identify(server, token=f"token-{i}", channels=["busy"]))[0] for i in range(1, 51)]
         got: dict[int, list[int]] = {i: [] for i in range(50)}
 
@@ -274,18 +266,24 @@ async def test_slow_consumer_4010_while_others_keep_receiving() -> None:
                 if frame.get("t") == "MESSAGE_CREATE":
                     got[i].append(frame["d"]["n"])
 
+        def stalled_core_code() -> int | None:
+            core = gateway.connection_of(stalled_session)
+            assert core is not None
+            return core.close_code
+
         peak = 0
         async with anyio.create_task_group() as tg:
             for i in range(50):
                 tg.start_soon(reader, i)
             for n in range(events):
-                await post(http, "busy", {"n": n, "pad": "x" * 2000})
+                await post(http, "busy", {"n": n})
+                if stalled_core_code() is None:
+                    await post(http, "bulk", {"pad": "x" * 60_000})
                 core = gateway.connection_of(stalled_session)
-                if core is not None:
-                    peak = max(peak, core.outbox_peak_frames)
+                assert core is not None
+                peak = max(peak, core.outbox_peak_frames)
         assert all(got[i] == list(range(events)) for i in range(50))
-        core = gateway.connection_of(stalled_session)
-        assert core is not None and core.close_code == 4010
+        assert stalled_core_code() == 4010
         assert 0 < peak <= queue_frames  # the outbox never exceeded its bound
         stalled.transport.resume_reading()
         await expect_close(stalled, 4010, timeout=10)
@@ -316,11 +314,7 @@ async def test_msgpack_end_to_end() -> None:
 async def test_presence_join_and_leave() -> None:
     async with running() as (server, gateway, bus, http):
         a, _ = await identify(server, token="token-1", channels=["lobby"])
-        assert (await recv(a))["d"] == {
-            "channel": "lobby",
-            "user": {"id": "u1", "name": "user 1"},
-            "status": "online",
-        }
+        assert (await recv(a))["d"] == {"channel": "lobby", "user": {"id": "u1", "name": "user 1"}, "status": "online"}
         b, _ = await identify(server, token="token-2", channels=["lobby"])
         joined = await recv(a)
         assert joined["t"] == "PRESENCE_UPDATE" and joined["d"]["user"]["id"] == "u2"
@@ -388,21 +382,20 @@ async def test_drain_reconnect_then_resume_on_another_gateway() -> None:
                     await post(http, "room", {"n": n})
                 frames = [await recv(ws) for _ in range(5)]
                 last_seq = frames[2]["s"]  # pretend the client only processed 3 of 5
-                await first.close()  # drain
+                await first.drain()
                 tail = await expect_close(ws, 1012)
                 assert tail[-1] == {"op": 7, "d": None, "s": None, "t": None}
                 assert len(store) == 1
                 # published after the drain, before the client reaches the other node
                 for n in range(5, 8):
                     await post(http, "room", {"n": n})
+        await first.close()
         second = Gateway(bus, authenticator, session_store=store)
         async with second:
             async with serve(make_app(bus, second)) as server2:
                 async with httpx.AsyncClient(base_url=server2.base) as http:
                     ws2, _ = await _connect_hello(server2)
-                    await send(
-                        ws2, {"op": 6, "d": {"token": "token-1", "session_id": session_id, "seq": last_seq}}
-                    )
+                    await send(ws2, {"op": 6, "d": {"token": "token-1", "session_id": session_id, "seq": last_seq}})
                     got = [await recv(ws2)]
                     while got[-1].get("t") != "RESUMED":
                         got.append(await recv(ws2))

@@ -170,6 +170,9 @@ class Gateway:
         self._hub: Subscription | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._accepting = False
+        self._drained = False
+        self._background_scope = anyio.CancelScope()
+        self._background_done = anyio.Event()
         self._next_connection = 0
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -179,16 +182,32 @@ class Gateway:
         if self._task_group is not None:
             return
         self._hub = self.bus.subscribe()
+        self._background_scope = anyio.CancelScope()
+        self._background_done = anyio.Event()
+        self._drained = False
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
-        self._task_group.start_soon(self._hub_loop, self._hub)
-        self._task_group.start_soon(self._expiry_loop)
+        self._task_group.start_soon(self._background, self._hub)
         self._accepting = True
 
-    async def close(self) -> None:
-        """Drain: RECONNECT every client, stop accepting, save resumable sessions. Idempotent."""
-        if self._task_group is None:
+    async def _background(self, hub: Subscription) -> None:
+        try:
+            with self._background_scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._hub_loop, hub)
+                    tg.start_soon(self._expiry_loop)
+        finally:
+            self._background_done.set()
+
+    async def drain(self) -> None:
+        """Graceful drain, callable from any task: RECONNECT every client, refuse new
+        connections, stop fan-out, and save every resumable session to the session store.
+
+        Bounded by ``drain_timeout`` for the clients and again for the store. Idempotent.
+        """
+        if self._task_group is None or self._drained:
             return
+        self._drained = True
         self._accepting = False
         now = self._clock()
         for local in list(self._connections):
@@ -199,9 +218,8 @@ class Gateway:
                 await self._idle.wait()
         # Stop fan-out first, so the snapshots' positions are final: whatever is published from
         # here on is found by the next node in bus history after those positions.
-        task_group, self._task_group = self._task_group, None
-        task_group.cancel_scope.cancel()
-        await task_group.__aexit__(None, None, None)
+        self._background_scope.cancel()
+        await self._background_done.wait()
         if self._hub is not None:
             await self._hub.aclose()
         expires_at = time.time() + self.config.resume_window
@@ -212,6 +230,18 @@ class Gateway:
                     await self.session_store.save(SessionRecord.from_state(session, expires_at))
         self._sessions.clear()
         self._routes.clear()
+
+    async def close(self) -> None:
+        """Drain (see :meth:`drain`), then end the gateway's task group. Idempotent.
+
+        Call it from the task that called :meth:`start` (``async with gateway:`` does).
+        """
+        if self._task_group is None:
+            return
+        await self.drain()
+        task_group, self._task_group = self._task_group, None
+        task_group.cancel_scope.cancel()
+        await task_group.__aexit__(None, None, None)
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -310,7 +340,7 @@ class Gateway:
         local.core.connection_lost(client_code)
         if local.closing is not None and not local.close_sent and client_code is None:
             # The writer could not deliver the close frame in time (a stalled client): try once more.
-            with anyio.move_on_after(1.0, shield=True):
+            with anyio.move_on_after(2.0, shield=True):
                 try:
                     await send(
                         {
@@ -572,9 +602,9 @@ class Gateway:
         session = core.session
         if session is None:
             return
+        local.attached = False
         with anyio.CancelScope(shield=True):
             await self._presence_leave(local, session.channels)
-            local.attached = False
             if core.resumable and self._accepting:
                 local.expires_at = self._clock() + self.config.resume_window
             elif not core.resumable:
@@ -617,6 +647,8 @@ class Gateway:
             if dispatch is None:
                 continue
             for local in routes:
+                if dispatch.ephemeral and not local.attached:
+                    continue  # never replayed, so a session waiting for a resume skips them
                 actions = local.core.deliver(dispatch, now)
                 if actions:
                     self._after(local, actions)
