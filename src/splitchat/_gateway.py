@@ -364,10 +364,16 @@ class Gateway:
                 await send({"type": "websocket.close", "code": item.code, "reason": item.reason})
                 scope.cancel()
                 return
-            if isinstance(item, str):
-                await send({"type": "websocket.send", "text": item})
-            else:
-                await send({"type": "websocket.send", "bytes": item})
+            try:
+                if isinstance(item, str):
+                    await send({"type": "websocket.send", "text": item})
+                else:
+                    await send({"type": "websocket.send", "bytes": item})
+            except OSError:
+                # The client vanished mid-send (uvicorn raises ClientDisconnected, an OSError):
+                # that is a disconnect like any other and must leave the session resumable.
+                scope.cancel()
+                return
 
     async def _ticker(self, local: _Local) -> None:
         core = local.core
