@@ -124,6 +124,8 @@ class GatewayCommunicator:
             await self._app_done.wait()
         self._task_group.cancel_scope.cancel()
         await self._task_group.__aexit__(None, None, None)
+        for stream in (self._to_app_send, self._to_app_recv, self._from_app_send, self._from_app_recv):
+            stream.close()
         if self._app_error is not None and exc is None:
             raise self._app_error
 
