@@ -308,3 +308,14 @@ async def test_slow_app_gets_backpressure_not_an_unbounded_buffer() -> None:
                     numbers.append(item.d["n"])
             assert numbers == list(range(200))
             assert client.stats.backpressure_waits >= 1 and client.stats.zombie_closes == 0
+
+
+async def test_leaving_the_client_ends_the_session_on_the_server() -> None:
+    app, gateway, _faults = build_app(heartbeat_interval=2.0)
+    async with threaded_server(app) as server:
+        async with SplitchatClient(server.url, token=TOKEN, subscriptions=["room:1"]) as client:
+            assert isinstance(await client.receive(5), Ready)
+            assert gateway.session_ids() == [client.session_id]
+        with anyio.fail_after(5):
+            while gateway.session_ids():  # noqa: ASYNC110 - the gateway lives on another thread/loop
+                await anyio.sleep(0.02)

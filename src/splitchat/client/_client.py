@@ -171,6 +171,7 @@ class SplitchatClient:
         self._budget = _FrameBudget()
         self._rate_limited_until = 0.0
         self._local_close: int | None = None
+        self._closing = False
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -195,13 +196,16 @@ class SplitchatClient:
     ) -> bool | None:
         task_group, self._task_group = self._task_group, None
         try:
+            with anyio.CancelScope(shield=True):
+                self._closing = True  # the runner must not reconnect after the close below
+                if self._ws is not None:
+                    # 1000 tells the gateway the session is over (no resume window to hold).
+                    await self._ws.close(1000, "client closed", timeout=1.0)
             if task_group is not None:
                 task_group.cancel_scope.cancel()
                 await task_group.__aexit__(None, None, None)
         finally:
             with anyio.CancelScope(shield=True):
-                if self._ws is not None:
-                    await self._ws.close(1000, "client closed", timeout=1.0)
                 if self._http is not None:
                     await self._http.aclose()
             self._out_send.close()
@@ -306,6 +310,8 @@ class SplitchatClient:
                     self._session.connection_lost(code)
                 except AuthenticationFailed as exc:
                     self._fatal = exc
+                    return
+                if self._closing:
                     return
                 if self._session.established and anyio.current_time() - started >= self._stable_after:
                     self._backoff.reset()
