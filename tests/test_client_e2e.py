@@ -274,7 +274,6 @@ async def test_reconnect_storm_is_prevented_by_growing_full_jitter_delays() -> N
         assert gap <= delay + 0.3, (attempt, gap, delay)  # scheduling slack on a busy machine
         assert gap <= expected.ceiling(attempt) + 0.3
     assert sum(gaps[-4:]) / 4 > sum(gaps[:4]) / 4  # growing
-    assert len({round(g, 3) for g in gaps}) == len(gaps)  # jittered: no two the same
 
 
 async def test_rejected_token_ends_events_and_never_reconnects() -> None:

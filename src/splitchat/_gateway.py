@@ -370,9 +370,9 @@ class Gateway:
                 else:
                     await send({"type": "websocket.send", "bytes": item})
             except OSError:
-                # The client vanished mid-send (uvicorn raises ClientDisconnected, an OSError):
-                # that is a disconnect like any other and must leave the session resumable.
-                scope.cancel()
+                # The client vanished mid-send (uvicorn raises ClientDisconnected, an OSError).
+                # Stop writing but let the reader receive the websocket.disconnect the server
+                # queues: its close code (1000 = session over, else resumable) decides.
                 return
 
     async def _ticker(self, local: _Local) -> None:

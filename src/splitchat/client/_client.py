@@ -198,9 +198,14 @@ class SplitchatClient:
         try:
             with anyio.CancelScope(shield=True):
                 self._closing = True  # the runner must not reconnect after the close below
-                if self._ws is not None:
-                    # 1000 tells the gateway the session is over (no resume window to hold).
-                    await self._ws.close(1000, "client closed", timeout=1.0)
+                ws = self._ws
+                if ws is not None:
+                    # 1000 tells the gateway the session is over (no resume window to hold). The
+                    # reader is still running: it reads the server's close reply, so the socket
+                    # is not torn down under an unread close frame.
+                    await ws.send_close(1000, "client closed", timeout=1.0)
+                    with anyio.move_on_after(1.0):
+                        await ws.wait_closed()
             if task_group is not None:
                 task_group.cancel_scope.cancel()
                 await task_group.__aexit__(None, None, None)

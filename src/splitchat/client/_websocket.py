@@ -63,6 +63,7 @@ class WebSocket:
         self._parts: list[bytes | bytearray | str] = []
         self._size = 0
         self._closed: ConnectionClosed | None = None
+        self._closed_event = anyio.Event()
 
     @classmethod
     async def connect(
@@ -154,6 +155,7 @@ class WebSocket:
                     await self._send_event(event.response())
                 elif isinstance(event, CloseConnection):
                     self._closed = ConnectionClosed(event.code, event.reason or "")
+                    self._closed_event.set()
                     if self._ws.state == ConnectionState.REMOTE_CLOSING:
                         await self._send_event(event.response())
                     await anyio.aclose_forcefully(self._stream)
@@ -162,6 +164,7 @@ class WebSocket:
                 await self._read_more()
             except ConnectionClosed as exc:
                 self._closed = exc
+                self._closed_event.set()
                 await anyio.aclose_forcefully(self._stream)
                 raise
 
@@ -201,10 +204,30 @@ class WebSocket:
         finally:
             if self._closed is None:
                 self._closed = ConnectionClosed(code, reason)
+            self._closed_event.set()
             await anyio.aclose_forcefully(self._stream)
+
+    async def send_close(self, code: int = 1000, reason: str = "", *, timeout: float = 2.0) -> None:
+        """Start the close handshake only: the reader task sees the peer's reply and ends.
+
+        Use it when another task is reading; :meth:`wait_closed` waits for the reply. Closing
+        the socket while unread data is pending would make the kernel send a RST, which can make
+        the peer discard the close frame itself.
+        """
+        if self._closed is None and self._ws.state == ConnectionState.OPEN:
+            with anyio.move_on_after(timeout):
+                try:
+                    await self._send_event(CloseConnection(code=code, reason=reason))
+                except ConnectionClosed:
+                    pass
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection is closed (peer's close frame seen, or the socket died)."""
+        await self._closed_event.wait()
 
     async def abort(self) -> None:
         """Drop the TCP connection without a close handshake."""
         if self._closed is None:
             self._closed = ConnectionClosed(ABNORMAL_CLOSURE, "aborted")
+        self._closed_event.set()
         await anyio.aclose_forcefully(self._stream)
