@@ -57,9 +57,10 @@ async def next_dispatch(client: SplitchatClient, timeout: float = 5.0) -> Dispat
                 return item
 
 
-async def test_ready_send_and_receive_own_event_with_receipt() -> None:
+@pytest.mark.parametrize("encoding", ["json", "msgpack"])
+async def test_ready_send_and_receive_own_event_with_receipt(encoding: Any) -> None:
     async with stack(heartbeat_interval=2.0) as (server, proxy):
-        async with make_client(server, proxy) as client:
+        async with make_client(server, proxy, encoding=encoding) as client:
             ready = await client.receive(5)
             assert isinstance(ready, Ready) and ready.subscriptions == ("room:1",)
             receipt = await client.send("POST", "/channels/room:1/messages", {"content": "hi"}, nonce="n-1")
@@ -318,3 +319,18 @@ async def test_leaving_the_client_ends_the_session_on_the_server() -> None:
         with anyio.fail_after(5):
             while gateway.session_ids():  # noqa: ASYNC110 - the gateway lives on another thread/loop
                 await anyio.sleep(0.02)
+
+
+async def test_cancellation_around_the_client_leaves_no_task_or_socket_behind() -> None:
+    async with stack(heartbeat_interval=0.5) as (server, proxy):
+        with anyio.move_on_after(1.0) as scope:
+            async with make_client(server, proxy) as client:
+                assert isinstance(await client.receive(5), Ready)
+                await anyio.sleep_forever()
+        assert scope.cancelled_caught
+        with anyio.fail_after(5):
+            while proxy.open_connections:  # noqa: ASYNC110 - polling the proxy's own bookkeeping
+                await anyio.sleep(0.02)
+        attempts = len(proxy.attempt_times)
+        await anyio.sleep(0.6)  # a leaked runner would reconnect (and heartbeat) by now
+        assert len(proxy.attempt_times) == attempts == 1

@@ -306,3 +306,15 @@ def test_refused_resume_reidentifies_on_the_same_connection() -> None:
     assert actions == [SendFrame(Opcode.IDENTIFY, {"token": "tok", "subscriptions": ["room:1"]})]
     out = items(session.receive(ready(session_id="sess-2"), 0.0))
     assert isinstance(out[0], Resync) and out[0].reason == "invalid_session"
+
+
+def test_client_frame_budget_keeps_a_margin_and_slides() -> None:
+    from splitchat.client._client import _FrameBudget
+
+    budget = _FrameBudget(budget=3, window=10.0)
+    for t in (0.0, 1.0):
+        assert budget.wait_time(t) == 0.0
+        budget.record(t)
+    # Two sent, one frame of margin kept: the third waits until the first leaves the window.
+    assert budget.wait_time(2.0) == pytest.approx(8.0)
+    assert budget.wait_time(10.0) == 0.0
