@@ -679,3 +679,17 @@ async def test_rate_limiter_is_reusable_for_gateway_frames() -> None:
         await limiter.hit("session:abc", "3/minute", bucket="gateway", scope="user") for _ in range(4)
     ]
     assert [d.allowed for d in decisions] == [True, True, True, False]
+
+
+async def test_list_body_mentioning_nonce_is_not_a_nonce() -> None:
+    async with InMemoryBus() as bus:
+        endpoint = build_endpoint(bus)
+
+        @endpoint.command("POST", "/tags", body=list[str], name="tags")
+        async def tags(ctx: CommandContext, body: list[str]) -> dict[str, Any]:
+            return {"tags": body, "nonce_seen": ctx.nonce}
+
+        async with asgi_client(endpoint) as client:
+            response = await client.post("/tags", json=["nonce", "x"], headers=AUTH)
+        assert response.status_code == 200
+        assert response.json() == {"tags": ["nonce", "x"], "nonce_seen": None}

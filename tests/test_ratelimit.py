@@ -103,3 +103,25 @@ def test_never_allows_more_than_the_limit(limit: int, hits: int) -> None:
     assert sum(d.allowed for d in decisions) == min(limit, hits)
     assert all(d.remaining >= 0 for d in decisions)
     assert parse_limit(f"{limit}/hour").amount == limit
+
+
+async def test_memory_storage_sweeps_inline_without_timer_threads() -> None:
+    """Expired moving-window entries are dropped by the inline sweep (bounded memory), and hits
+    start no threads (the stock storage starts a Timer thread 10 ms after activity)."""
+    import threading
+
+    from splitchat._ratelimit import _InlineExpiryMemoryStorage
+
+    limiter = RateLimiter()
+    storage = limiter._storage
+    assert isinstance(storage, _InlineExpiryMemoryStorage)
+    storage._sweep_interval = 0.0  # sweep on every write for the test
+    await anyio.sleep(0.05)  # let the one Timer the base class starts at construction finish
+    threads_before = threading.active_count()
+    for i in range(200):
+        await limiter.hit(f"old-{i}", "1/second")
+    assert threading.active_count() == threads_before
+    assert sum(1 for key in storage.events if "old-" in key) == 200
+    await anyio.sleep(1.05)
+    await limiter.hit("new", "1/second")  # any write runs the sweep
+    assert not any("old-" in key for key in storage.events)

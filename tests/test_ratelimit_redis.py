@@ -22,6 +22,15 @@ def anyio_backend() -> str:
 async def test_two_nodes_share_one_budget(strategy: str) -> None:
     node_a = RateLimiter(REDIS, strategy=strategy, implementation="redispy")  # type: ignore[arg-type]
     node_b = RateLimiter(REDIS, strategy=strategy, implementation="redispy")  # type: ignore[arg-type]
+    try:
+        await check_shared_budget(node_a, node_b)
+    finally:
+        await node_a.close()
+        await node_b.close()
+        await node_b.close()  # idempotent
+
+
+async def check_shared_budget(node_a: RateLimiter, node_b: RateLimiter) -> None:
     assert node_a.is_async
     key = f"test:{uuid.uuid4().hex}"
     results = []
@@ -34,6 +43,18 @@ async def test_two_nodes_share_one_budget(strategy: str) -> None:
     assert not (await node_a.peek(key, "4/minute")).allowed
     await node_b.clear(key, "4/minute")
     assert (await node_a.hit(key, "4/minute")).allowed
-    await node_a.close()
-    await node_b.close()
-    await node_b.close()  # idempotent
+
+
+async def test_unreachable_redis_is_503_rate_limiter_unavailable() -> None:
+    from splitchat import InMemoryBus
+    from tests.endpoint_support import AUTH, asgi_client, build_endpoint
+
+    # A closed loopback port: the storage cannot connect.
+    limiter = RateLimiter("async+redis://127.0.0.1:1", implementation="redispy")
+    async with InMemoryBus() as bus:
+        async with asgi_client(build_endpoint(bus, rate_limiter=limiter)) as client:
+            response = await client.post("/channels/c/messages", json={"content": "x"}, headers=AUTH)
+        assert response.status_code == 503
+        assert response.json()["code"] == "rate_limiter_unavailable"
+        assert (await bus.current_position("c")).offset == 0
+    await limiter.close()

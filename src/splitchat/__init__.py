@@ -17,7 +17,8 @@ from ._auth import (
     allow_all_channels,
     bearer_token,
 )
-from ._endpoint import Command, CommandContext, CommandEndpoint, EventReceipt
+from ._commands import Command, CommandContext, EventReceipt
+from ._endpoint import CommandEndpoint
 from ._errors import ErrorBody, HTTPError
 from ._events import Event, decode_event, encode_event
 

@@ -14,7 +14,7 @@ import msgspec
 __all__ = ("AuditRecord", "AuditSink", "LoggingAuditSink")
 
 
-class AuditRecord(msgspec.Struct, frozen=True, kw_only=True):
+class AuditRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """What happened to one request to the command endpoint.
 
     Attributes:

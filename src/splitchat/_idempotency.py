@@ -32,15 +32,18 @@ __all__ = (
 )
 
 
-class StoredResponse(msgspec.Struct, frozen=True):
-    """A response kept for replay: status, the headers worth replaying, and the exact body bytes."""
+class StoredResponse(msgspec.Struct, frozen=True, gc=False):
+    """A response kept for replay: status, the headers worth replaying, and the exact body bytes.
+
+    (``gc=False``: it holds only strings and bytes, never a cycle, and thousands may be kept, so
+    the cyclic garbage collector need not track them.)"""
 
     status: int
     headers: list[tuple[str, str]]
     body: bytes
 
 
-class ClaimResult(msgspec.Struct, frozen=True):
+class ClaimResult(msgspec.Struct, frozen=True, gc=False):
     """Outcome of :meth:`IdempotencyStore.claim`.
 
     ``state`` is ``"claimed"`` (the caller owns the key and must ``complete`` or ``release`` it),
