@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -72,13 +72,18 @@ async def serve(app: Any) -> AsyncIterator[Server]:
     server = uvicorn.Server(config)
     async with anyio.create_task_group() as tg:
         tg.start_soon(server.serve)
-        with anyio.fail_after(10):
-            while not server.started:
-                await anyio.sleep(0.01)
+        await wait_until(lambda: server.started, 10)
         try:
             yield Server(server)
         finally:
             server.should_exit = True
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll state owned by another component (uvicorn, the gateway) until it holds."""
+    with anyio.fail_after(timeout):
+        while not predicate():  # noqa: ASYNC110 - no event to wait on in the observed code
+            await anyio.sleep(0.01)
 
 
 def decode(message: str | bytes) -> dict[str, Any]:
@@ -111,16 +116,6 @@ async def identify(
     return ws, ready
 
 
-def small_receive_buffer_socket(server: Server) -> socket.socket:
-    """A connected client socket whose kernel receive buffer is tiny and not auto-tuned, so a
-    client that stops reading pushes back on the server within a few kilobytes."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", server.port))
-    sock.setblocking(False)
-    return sock
-
-
 async def send(ws: ClientConnection, frame: dict[str, Any], encoding: str = "json") -> None:
     if encoding == "msgpack":
         await ws.send(msgspec.msgpack.encode(frame))
@@ -148,3 +143,77 @@ async def expect_close(ws: ClientConnection, code: int, timeout: float = 5.0) ->
             assert exc.rcvd is not None, f"no close frame received (frames: {frames[-3:]})"
             assert exc.rcvd.code == code, (exc.rcvd.code, exc.rcvd.reason)
     return frames
+
+
+class RawClient:
+    """A WebSocket client over a raw socket (websockets' sans-I/O protocol) that reads only when
+    told to: the kernel receive buffer is tiny and not auto-tuned, so a client that stops
+    reading pushes back on the server within a few kilobytes."""
+
+    def __init__(self, server: Server) -> None:
+        from websockets.client import ClientProtocol
+        from websockets.uri import parse_uri
+
+        self.protocol = ClientProtocol(parse_uri(server.ws_url()), max_size=None)
+        self.server = server
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.setblocking(False)
+        self._frames: list[dict[str, Any]] = []
+        self.close_code: int | None = None
+
+    async def open(self) -> None:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(self.sock, ("127.0.0.1", self.server.port))
+        self.protocol.send_request(self.protocol.connect())
+        await self._flush()
+
+    async def _flush(self) -> None:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        for chunk in self.protocol.data_to_send():
+            if chunk:
+                await loop.sock_sendall(self.sock, chunk)
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        self.protocol.send_text(json.dumps(frame).encode())
+        await self._flush()
+
+    async def recv(self, timeout: float = 5.0) -> dict[str, Any] | None:
+        """The next frame, or ``None`` once the server closed (``close_code`` is then set)."""
+        import asyncio
+
+        from websockets.frames import Close, Frame, Opcode
+
+        loop = asyncio.get_running_loop()
+        with anyio.fail_after(timeout):
+            while not self._frames:
+                if self.close_code is not None:
+                    return None
+                data = await loop.sock_recv(self.sock, 65536)
+                if data:
+                    self.protocol.receive_data(data)
+                else:
+                    self.protocol.receive_eof()
+                for event in self.protocol.events_received():
+                    if isinstance(event, Frame) and event.opcode is Opcode.TEXT:
+                        self._frames.append(json.loads(event.data))
+                    elif isinstance(event, Frame) and event.opcode is Opcode.CLOSE:
+                        self.close_code = Close.parse(event.data).code
+                await self._flush()
+                if not data and self.close_code is None:
+                    self.close_code = 1006
+        return self._frames.pop(0)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def close_all(clients: list[ClientConnection]) -> None:
+    """Close many clients concurrently (a client with unread frames takes a while to close)."""
+    async with anyio.create_task_group() as tg:
+        for ws in clients:
+            tg.start_soon(ws.close)

@@ -294,6 +294,16 @@ class Gateway:
         self._connections.add(local)
         try:
             await self._serve(local, receive, send)
+        except Exception:
+            # A failing dependency (bus, store, presence backend), never client input: close
+            # with 4000 (resumable) rather than leaking an exception into the server.
+            logger.exception("gateway connection failed")
+            local.core.force_close(4000, "internal error", resumable=True)
+            with anyio.move_on_after(1.0, shield=True):
+                try:
+                    await send({"type": "websocket.close", "code": 4000, "reason": "internal error"})
+                except Exception:
+                    pass
         finally:
             self._connections.discard(local)
             if not self._connections:
@@ -359,20 +369,21 @@ class Gateway:
             if item is None:
                 await local.wait()
                 continue
-            if isinstance(item, Close):
-                local.close_sent = True  # nothing left for the fallback in _serve
-                await send({"type": "websocket.close", "code": item.code, "reason": item.reason})
-                scope.cancel()
-                return
             try:
+                if isinstance(item, Close):
+                    local.close_sent = True  # nothing left for the fallback in _serve
+                    await send({"type": "websocket.close", "code": item.code, "reason": item.reason})
+                    scope.cancel()
+                    return
                 if isinstance(item, str):
                     await send({"type": "websocket.send", "text": item})
                 else:
                     await send({"type": "websocket.send", "bytes": item})
-            except OSError:
-                # The client vanished mid-send (uvicorn raises ClientDisconnected, an OSError).
-                # Stop writing but let the reader receive the websocket.disconnect the server
-                # queues: its close code (1000 = session over, else resumable) decides.
+            except Exception:
+                # The peer is gone (or closed first): the reader sees the disconnect; stop writing.
+                logger.debug("send failed; connection is going away", exc_info=True)
+                local.close_sent = True
+                scope.cancel()
                 return
 
     async def _ticker(self, local: _Local) -> None:
@@ -537,6 +548,17 @@ class Gateway:
     # ---- routing, presence ----------------------------------------------------------------
 
     async def _route_add(self, local: _Local, channels: Sequence[str], *, announce: bool = True) -> None:
+        session = local.core.session
+        if session is not None and self.bus.supports_history:
+            # The resume seam of a channel with no delivery yet, read BEFORE routing: an event
+            # published in between is then after the seam (replayed from history if missed),
+            # never deduplicated away.
+            for channel in channels:
+                if channel not in session.positions:
+                    try:
+                        session.positions[channel] = await self.bus.current_position(channel)
+                    except Exception:
+                        logger.debug("no current position for %r", channel, exc_info=True)
         new: list[str] = []
         for channel in channels:
             routes = self._routes.get(channel)
@@ -546,15 +568,6 @@ class Gateway:
             routes.add(local)
         if new and self._hub is not None:
             await self._hub.add(new)
-        session = local.core.session
-        if session is not None and self.bus.supports_history:
-            # The resume seam of a channel with no delivery yet: "everything after now".
-            for channel in channels:
-                if channel not in session.positions:
-                    try:
-                        session.positions[channel] = await self.bus.current_position(channel)
-                    except Exception:
-                        logger.debug("no current position for %r", channel)
         if announce:
             await self._presence_join(local, channels)
 
@@ -641,25 +654,31 @@ class Gateway:
 
     async def _hub_loop(self, hub: Subscription) -> None:
         async for item in hub:
-            routes = self._routes.get(item.channel)
-            if not routes:
-                continue
-            now = self._clock()
-            if isinstance(item, Gap):
-                for local in list(routes):
-                    self._after(local, local.core.invalidate(now))
-                continue
-            dispatch = self._decode(item)
-            if dispatch is None:
-                continue
-            for local in routes:
-                if dispatch.ephemeral and not local.attached:
-                    continue  # never replayed, so a session waiting for a resume skips them
-                actions = local.core.deliver(dispatch, now)
-                if actions:
-                    self._after(local, actions)
-                elif local.attached:
-                    local.wake()
+            try:
+                self._fan_out(item)
+            except Exception:  # a bug must not stop delivery to everyone else
+                logger.exception("fan-out of an item on %r failed", item.channel)
+
+    def _fan_out(self, item: Delivery | Gap) -> None:
+        routes = self._routes.get(item.channel)
+        if not routes:
+            return
+        now = self._clock()
+        if isinstance(item, Gap):
+            for local in list(routes):
+                self._after(local, local.core.invalidate(now))
+            return
+        dispatch = self._decode(item)  # once per delivery, shared by every recipient
+        if dispatch is None:
+            return
+        for local in routes:
+            if dispatch.ephemeral and not local.attached:
+                continue  # never replayed, so a session waiting for a resume skips them
+            actions = local.core.deliver(dispatch, now)
+            if actions:
+                self._after(local, actions)
+            elif local.attached:
+                local.wake()
 
     async def _expiry_loop(self) -> None:
         period = min(1.0, self.config.resume_window / 4)

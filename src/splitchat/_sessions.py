@@ -6,7 +6,7 @@ cases: when a node drains it saves every resumable session here, and a RESUME th
 node which does not host the session takes it from here and rebuilds what happened since the
 snapshot from ``bus.history(channel, since=positions[channel])``.
 
-A :class:`SessionRecord` is a plain msgspec struct (buffer entries carry the raw event bytes),
+A :class:`SessionRecord` is a plain msgspec struct (buffer entries carry the raw JSON of each ``d``),
 so a Redis-backed store is ``SET key msgpack(record) PXAT expires`` / ``GETDEL key``.
 """
 
@@ -32,7 +32,7 @@ class BufferedDispatch(msgspec.Struct, frozen=True, kw_only=True):
 
     seq: int
     t: str
-    data: msgspec.Raw
+    data: bytes  # the raw JSON of ``d`` (bytes, so msgpack and JSON stores both keep it verbatim)
     event_id: str | None = None
     channel: str | None = None
     nonce: str | None = None
@@ -63,7 +63,7 @@ class SessionRecord(msgspec.Struct, kw_only=True):
             BufferedDispatch(
                 seq=seq,
                 t=d.t,
-                data=msgspec.Raw(d.data),
+                data=d.data,
                 event_id=d.event_id,
                 channel=d.channel,
                 nonce=d.nonce,
@@ -93,7 +93,7 @@ class SessionRecord(msgspec.Struct, kw_only=True):
         for item in self.buffer:
             dispatch = Dispatch(
                 item.t,
-                bytes(item.data),
+                item.data,
                 event_id=item.event_id,
                 channel=item.channel,
                 nonce=item.nonce,
