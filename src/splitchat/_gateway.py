@@ -390,9 +390,11 @@ class Gateway:
                     await send({"type": "websocket.send", "bytes": item})
             except Exception:
                 # The peer is gone (or closed first): the reader sees the disconnect; stop writing.
+                # Do not cancel the connection here: the reader must still receive the server's
+                # websocket.disconnect, whose code decides the session (1000/1001 end it, else it
+                # stays resumable). Cancelling raced a client's close 1000 and kept its session.
                 logger.debug("send failed; connection is going away", exc_info=True)
                 local.close_sent = True
-                scope.cancel()
                 return
 
     async def _ticker(self, local: _Local) -> None:
