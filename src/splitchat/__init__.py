@@ -17,6 +17,11 @@ from ._auth import (
 )
 from ._events import Event, decode_event, encode_event
 from ._snowflake import SPLITCHAT_EPOCH_MS, SnowflakeGenerator, snowflake_time
+
+# --- browser client (webapp) ---
+from ._static import BROWSER_CLIENT_FILENAME, browser_client_mount, browser_client_path, static_files
+
+# --- end browser client ---
 from .bus import (
     Bus,
     BusError,
@@ -35,6 +40,12 @@ __version__ = "0.1.0"
 
 __all__ = (
     "SPLITCHAT_EPOCH_MS",
+    # --- browser client (webapp) ---
+    "BROWSER_CLIENT_FILENAME",
+    "browser_client_mount",
+    "browser_client_path",
+    "static_files",
+    # --- end browser client ---
     "AuthenticationError",
     "Authenticator",
     "Bus",
