@@ -6,6 +6,8 @@ WebSocket :class:`Gateway`; a :class:`Bus` fans them out between processes.
 
 from __future__ import annotations
 
+# -- command endpoint (POST-in half) --
+from ._audit import AuditRecord, AuditSink, LoggingAuditSink
 from ._auth import (
     AuthenticationError,
     Authenticator,
@@ -15,7 +17,20 @@ from ._auth import (
     allow_all_channels,
     bearer_token,
 )
+from ._endpoint import Command, CommandContext, CommandEndpoint, EventReceipt
+from ._errors import ErrorBody, HTTPError
 from ._events import Event, decode_event, encode_event
+from ._idempotency import (
+    ClaimResult,
+    IdempotencyStore,
+    InMemoryIdempotencyStore,
+    StoredResponse,
+    request_fingerprint,
+)
+from ._lifespan import Lifecycle, lifespan
+from ._ratelimit import RateLimitDecision, RateLimiter, RateLimitScope, RateLimitStrategy, parse_limit
+
+# -- end command endpoint --
 from ._snowflake import SPLITCHAT_EPOCH_MS, SnowflakeGenerator, snowflake_time
 
 # --- browser client (webapp) ---
@@ -39,6 +54,29 @@ from .bus import (
 __version__ = "0.1.0"
 
 __all__ = (
+    # -- command endpoint (POST-in half) --
+    "AuditRecord",
+    "AuditSink",
+    "ClaimResult",
+    "Command",
+    "CommandContext",
+    "CommandEndpoint",
+    "ErrorBody",
+    "EventReceipt",
+    "HTTPError",
+    "IdempotencyStore",
+    "InMemoryIdempotencyStore",
+    "Lifecycle",
+    "LoggingAuditSink",
+    "RateLimitDecision",
+    "RateLimitScope",
+    "RateLimitStrategy",
+    "RateLimiter",
+    "StoredResponse",
+    "lifespan",
+    "parse_limit",
+    "request_fingerprint",
+    # -- end command endpoint --
     "SPLITCHAT_EPOCH_MS",
     # --- browser client (webapp) ---
     "BROWSER_CLIENT_FILENAME",

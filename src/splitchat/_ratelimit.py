@@ -1,0 +1,239 @@
+"""Rate limiting on top of the ``limits`` package, shared by the command endpoint and the gateway.
+
+The default storage is ``limits``' *synchronous* in-memory storage: it does no I/O, so calling it
+from async code blocks for microseconds only, and it works under every anyio backend (the
+``limits.aio`` memory storage is asyncio-only). Any ``limits`` async storage URI
+(``"async+redis://127.0.0.1:6379"``) gives one shared budget across nodes, on asyncio.
+
+A :class:`RateLimiter` answers ``hit(key, limit)`` with a :class:`RateLimitDecision` that knows
+how to render itself as Discord-style ``X-RateLimit-*`` headers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from functools import lru_cache
+from typing import Literal
+
+import limits
+import limits.aio.strategies
+import limits.strategies
+from limits import RateLimitItem
+from limits.storage import storage_from_string
+
+__all__ = ("RateLimitDecision", "RateLimitScope", "RateLimitStrategy", "RateLimiter", "parse_limit")
+
+RateLimitScope = Literal["user", "global", "shared"]
+"""Who shares the exhausted budget: one user on one route, one user everywhere, or everyone."""
+
+RateLimitStrategy = Literal["moving", "fixed", "sliding"]
+"""``limits`` strategy: moving window (exact), fixed window (cheapest), sliding window counter."""
+
+_SYNC_STRATEGIES: dict[str, type[limits.strategies.RateLimiter]] = {
+    "moving": limits.strategies.MovingWindowRateLimiter,
+    "fixed": limits.strategies.FixedWindowRateLimiter,
+    "sliding": limits.strategies.SlidingWindowCounterRateLimiter,
+}
+_ASYNC_STRATEGIES: dict[str, type[limits.aio.strategies.RateLimiter]] = {
+    "moving": limits.aio.strategies.MovingWindowRateLimiter,
+    "fixed": limits.aio.strategies.FixedWindowRateLimiter,
+    "sliding": limits.aio.strategies.SlidingWindowCounterRateLimiter,
+}
+
+
+@lru_cache(maxsize=256)
+def parse_limit(limit: str) -> RateLimitItem:
+    """Parse ``"5/5 seconds"``-style notation once (cached: the parser is regex based)."""
+    return limits.parse(limit)
+
+
+class RateLimitDecision:
+    """The answer to one hit: allowed or not, and the state of the bucket after it.
+
+    Attributes:
+        allowed: whether the hit was within the limit (and so was counted).
+        limit: the bucket's capacity per window.
+        remaining: hits left in the current window.
+        reset: epoch seconds at which the next hit will be allowed again / the window resets.
+        reset_after: seconds from now until ``reset`` (never negative).
+        bucket: the bucket's name as sent in ``X-RateLimit-Bucket``.
+        scope: who shares the budget (``X-RateLimit-Scope``).
+    """
+
+    __slots__ = ("allowed", "bucket", "limit", "remaining", "reset", "reset_after", "scope")
+
+    def __init__(
+        self,
+        *,
+        allowed: bool,
+        limit: int,
+        remaining: int,
+        reset: float,
+        reset_after: float,
+        bucket: str,
+        scope: RateLimitScope,
+    ) -> None:
+        self.allowed = allowed
+        self.limit = limit
+        self.remaining = remaining
+        self.reset = reset
+        self.reset_after = reset_after
+        self.bucket = bucket
+        self.scope: RateLimitScope = scope
+
+    def __repr__(self) -> str:
+        return (
+            f"RateLimitDecision(allowed={self.allowed}, limit={self.limit}, remaining={self.remaining}, "
+            f"reset_after={self.reset_after:.3f}, bucket={self.bucket!r}, scope={self.scope!r})"
+        )
+
+    @property
+    def retry_after(self) -> float:
+        """Seconds to wait before retrying (0 when allowed), rounded up to milliseconds."""
+        if self.allowed:
+            return 0.0
+        return math.ceil(self.reset_after * 1000) / 1000
+
+    def headers(self) -> list[tuple[str, str]]:
+        """The ``X-RateLimit-*`` response headers (plus ``Retry-After`` and scope when refused)."""
+        out = [
+            ("x-ratelimit-limit", str(self.limit)),
+            ("x-ratelimit-remaining", str(self.remaining)),
+            ("x-ratelimit-reset", f"{self.reset:.3f}"),
+            ("x-ratelimit-reset-after", f"{self.reset_after:.3f}"),
+            ("x-ratelimit-bucket", self.bucket),
+        ]
+        if not self.allowed:
+            # Retry-After is whole seconds by RFC 9110; the precise value is in the body/Reset-After.
+            out.append(("retry-after", str(max(1, math.ceil(self.reset_after)))))
+            out.append(("x-ratelimit-scope", self.scope))
+            if self.scope == "global":
+                out.append(("x-ratelimit-global", "true"))
+        return out
+
+
+class RateLimiter:
+    """Counts hits per key against ``limits`` rate limit items.
+
+    Args:
+        storage: a ``limits`` storage URI. ``"memory://"`` (default) uses the synchronous
+            in-memory storage (both anyio backends); ``"async+redis://host:port"`` and other
+            ``async+`` URIs share the budget between processes (asyncio only).
+        strategy: ``"moving"`` (default), ``"fixed"`` or ``"sliding"``.
+        storage_options: passed to the storage constructor, e.g. ``implementation="redispy"``.
+    """
+
+    def __init__(
+        self,
+        storage: str = "memory://",
+        *,
+        strategy: RateLimitStrategy = "moving",
+        **storage_options: float | str | bool,
+    ) -> None:
+        if strategy not in _SYNC_STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; use one of {sorted(_SYNC_STRATEGIES)}")
+        if storage.startswith("async+memory"):
+            raise ValueError("use 'memory://' (works on asyncio and trio) instead of 'async+memory://'")
+        self.strategy = strategy
+        self._storage = storage_from_string(storage, **storage_options)
+        self._sync: limits.strategies.RateLimiter | None = None
+        self._async: limits.aio.strategies.RateLimiter | None = None
+        if storage.startswith("async+"):
+            self._async = _ASYNC_STRATEGIES[strategy](self._storage)
+        else:
+            self._sync = _SYNC_STRATEGIES[strategy](self._storage)
+
+    @staticmethod
+    def validate(limit: str) -> None:
+        """Raise ``ValueError`` if ``limit`` is not valid ``limits`` notation (declaration-time check)."""
+        try:
+            parse_limit(limit)
+        except ValueError as exc:
+            raise ValueError(f"invalid rate limit {limit!r}: {exc}") from None
+
+    @property
+    def is_async(self) -> bool:
+        """Whether the storage does network I/O (an ``async+`` URI; asyncio only)."""
+        return self._async is not None
+
+    async def hit(
+        self,
+        key: str,
+        limit: str | RateLimitItem,
+        *,
+        bucket: str | None = None,
+        scope: RateLimitScope = "user",
+        cost: int = 1,
+        now: float | None = None,
+    ) -> RateLimitDecision:
+        """Count ``cost`` hits on ``key`` under ``limit`` and return the decision.
+
+        A refused hit is not counted. ``bucket`` names the limit in headers (default: ``key``).
+        ``now`` is the caller's current epoch time, only used to compute ``reset_after``.
+        """
+        item = parse_limit(limit) if isinstance(limit, str) else limit
+        if self._sync is not None:
+            allowed = self._sync.hit(item, key, cost=cost)
+            reset, remaining = self._sync.get_window_stats(item, key)
+        else:
+            assert self._async is not None
+            allowed = await self._async.hit(item, key, cost=cost)
+            reset, remaining = await self._async.get_window_stats(item, key)
+        return _decision(allowed, item, reset, remaining, bucket or key, scope, now)
+
+    async def peek(
+        self,
+        key: str,
+        limit: str | RateLimitItem,
+        *,
+        bucket: str | None = None,
+        scope: RateLimitScope = "user",
+        now: float | None = None,
+    ) -> RateLimitDecision:
+        """The decision a hit would get, without counting one (``allowed`` = budget left)."""
+        item = parse_limit(limit) if isinstance(limit, str) else limit
+        if self._sync is not None:
+            allowed = self._sync.test(item, key)
+            reset, remaining = self._sync.get_window_stats(item, key)
+        else:
+            assert self._async is not None
+            allowed = await self._async.test(item, key)
+            reset, remaining = await self._async.get_window_stats(item, key)
+        return _decision(allowed, item, reset, remaining, bucket or key, scope, now)
+
+    async def clear(self, key: str, limit: str | RateLimitItem) -> None:
+        """Forget every hit of ``key`` under ``limit``."""
+        item = parse_limit(limit) if isinstance(limit, str) else limit
+        if self._sync is not None:
+            self._sync.clear(item, key)
+        else:
+            assert self._async is not None
+            await self._async.clear(item, key)
+
+    async def reset(self) -> None:
+        """Forget every hit of every key (tests, admin tooling)."""
+        result = self._storage.reset()
+        if not isinstance(result, int | None):
+            await result
+
+
+def _decision(
+    allowed: bool,
+    item: RateLimitItem,
+    reset: float,
+    remaining: int,
+    bucket: str,
+    scope: RateLimitScope,
+    now: float | None,
+) -> RateLimitDecision:
+    current = time.time() if now is None else now
+    return RateLimitDecision(
+        allowed=allowed,
+        limit=item.amount,
+        remaining=max(0, remaining),
+        reset=reset,
+        reset_after=max(0.0, reset - current),
+        bucket=bucket,
+        scope=scope,
+    )
