@@ -127,6 +127,7 @@ export class SplitchatClient {
     this._attempt = 0;
     this._reconnectTimer = null;
     this._stopped = true;
+    this._onOnline = null;
     this._everReady = false;
     this._needsResync = false;
   }
@@ -257,6 +258,18 @@ export class SplitchatClient {
   connect() {
     if (!this._stopped) return;
     this._stopped = false;
+    if (globalThis.addEventListener && !this._onOnline) {
+      // Back online: skip the rest of the backoff wait (the wait is for an unreachable server,
+      // not for a device that just regained its network).
+      this._onOnline = () => {
+        if (!this._stopped && this._ws === null && this._reconnectTimer !== null) {
+          clearTimeout(this._reconnectTimer);
+          this._reconnectTimer = null;
+          this._open();
+        }
+      };
+      globalThis.addEventListener("online", this._onOnline);
+    }
     this._open();
   }
 
@@ -264,7 +277,12 @@ export class SplitchatClient {
   close() {
     this._stopped = true;
     clearTimeout(this._reconnectTimer);
+    this._reconnectTimer = null;
     this._stopHeartbeat();
+    if (this._onOnline) {
+      globalThis.removeEventListener("online", this._onOnline);
+      this._onOnline = null;
+    }
     if (this._ws) {
       const ws = this._ws;
       this._ws = null;
@@ -465,6 +483,7 @@ export class SplitchatClient {
     this._attempt += 1;
     this._setState("reconnecting", { ...info, delay, attempt: this._attempt });
     this._reconnectTimer = setTimeout(() => {
+      this._reconnectTimer = null;
       if (!this._stopped) this._open();
     }, delay);
   }
