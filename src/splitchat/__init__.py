@@ -20,6 +20,11 @@ from ._auth import (
 from ._endpoint import Command, CommandContext, CommandEndpoint, EventReceipt
 from ._errors import ErrorBody, HTTPError
 from ._events import Event, decode_event, encode_event
+
+# -- end command endpoint --
+# --- gateway (WebSocket-out half) ---
+from ._frames import ClientFrame, Dispatch, FrameError, decode_client_frame
+from ._gateway import Gateway
 from ._idempotency import (
     ClaimResult,
     IdempotencyStore,
@@ -28,9 +33,12 @@ from ._idempotency import (
     request_fingerprint,
 )
 from ._lifespan import Lifecycle, lifespan
+from ._presence import InMemoryPresence, Presence
+from ._protocol import CloseCode, ConnectionState, GatewayConfig, GatewayConnection, Op, SessionState
 from ._ratelimit import RateLimitDecision, RateLimiter, RateLimitScope, RateLimitStrategy, parse_limit
+from ._sessions import BufferedDispatch, InMemorySessionStore, SessionRecord, SessionStore
 
-# -- end command endpoint --
+# --- end gateway ---
 from ._snowflake import SPLITCHAT_EPOCH_MS, SnowflakeGenerator, snowflake_time
 
 # --- browser client (webapp) ---
@@ -77,6 +85,25 @@ __all__ = (
     "parse_limit",
     "request_fingerprint",
     # -- end command endpoint --
+    # gateway
+    "BufferedDispatch",
+    "ClientFrame",
+    "CloseCode",
+    "ConnectionState",
+    "Dispatch",
+    "FrameError",
+    "Gateway",
+    "GatewayConfig",
+    "GatewayConnection",
+    "InMemoryPresence",
+    "InMemorySessionStore",
+    "Op",
+    "Presence",
+    "SessionRecord",
+    "SessionState",
+    "SessionStore",
+    "decode_client_frame",
+    # end gateway
     "SPLITCHAT_EPOCH_MS",
     # --- browser client (webapp) ---
     "BROWSER_CLIENT_FILENAME",

@@ -1,0 +1,691 @@
+"""The gateway session as a pure, sans-I/O state machine.
+
+No I/O, no clock, no task library: the caller feeds in decoded client frames, bus deliveries
+(as shared :class:`~splitchat._frames.Dispatch` objects), answers to the requests the machine
+made (authentication, channel authorization, session lookup) and the current time as a float;
+the machine queues outgoing frames in its own bounded outbox and returns *actions* for the
+I/O layer (:class:`Close`, :class:`Authenticate`, :class:`AuthorizeChannels`,
+:class:`Subscribe`, :class:`Unsubscribe`, :class:`ResumeLookup`).
+
+Every (connection state, opcode) transition is in one table, :data:`TRANSITIONS`, in the style
+of h11's ``_state.py``. The machine owns the handshake, identify timeout, heartbeat deadline,
+per-session sequence numbers, the replay buffer, the inbound frame budget and the outbox
+bounds with their overflow policy.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ._auth import Principal
+from ._frames import (
+    ClientFrame,
+    Dispatch,
+    Encoding,
+    FrameError,
+    OutFrame,
+    decode_client_frame,
+    encode_control,
+)
+from .bus._base import Position
+
+__all__ = (
+    "Action",
+    "Authenticate",
+    "AuthorizeChannels",
+    "Close",
+    "CloseCode",
+    "ConnectionState",
+    "GatewayConfig",
+    "GatewayConnection",
+    "Op",
+    "ResumeLookup",
+    "SessionState",
+    "Subscribe",
+    "Unsubscribe",
+)
+
+
+class Op(enum.IntEnum):
+    """Gateway opcodes (see docs/protocol.md)."""
+
+    DISPATCH = 0
+    HEARTBEAT = 1
+    IDENTIFY = 2
+    RESUME = 6
+    RECONNECT = 7
+    INVALID_SESSION = 9
+    HELLO = 10
+    HEARTBEAT_ACK = 11
+    SUBSCRIBE = 12
+    UNSUBSCRIBE = 13
+
+
+class CloseCode(enum.IntEnum):
+    """Gateway close codes (see docs/protocol.md for reconnect advice)."""
+
+    UNKNOWN_ERROR = 4000
+    UNKNOWN_OPCODE = 4001
+    DECODE_ERROR = 4002
+    NOT_AUTHENTICATED = 4003
+    AUTHENTICATION_FAILED = 4004
+    ALREADY_AUTHENTICATED = 4005
+    INVALID_SEQ = 4007
+    RATE_LIMITED = 4008
+    SESSION_TIMED_OUT = 4009
+    SLOW_CONSUMER = 4010
+
+
+# Closes after which the session stays resumable (everything else ends it).
+RESUMABLE_CLOSES = frozenset({CloseCode.UNKNOWN_ERROR, CloseCode.SESSION_TIMED_OUT, CloseCode.SLOW_CONSUMER})
+
+
+@dataclass(frozen=True, kw_only=True)
+class GatewayConfig:
+    """Limits and timings of a gateway connection (durations in seconds).
+
+    ``replay_frames``/``replay_bytes`` bound the per-session replay buffer; ``max_channels`` bounds
+    a session's channel count and ``max_channel_length`` a channel name, so no client input can
+    grow server state without limit.
+    """
+
+    heartbeat_interval: float = 41.25
+    identify_timeout: float = 10.0
+    resume_window: float = 120.0
+    max_frame_bytes: int = 4096
+    frame_budget: int = 120
+    frame_budget_window: float = 60.0
+    send_queue_frames: int = 1000
+    send_queue_bytes: int = 1 << 20
+    replay_frames: int = 1000
+    replay_bytes: int = 1 << 20
+    max_channels: int = 100
+    max_channel_length: int = 200
+    resume_gateway_url: str | None = None
+
+    def hello(self) -> dict[str, int]:
+        """The HELLO payload (milliseconds)."""
+        return {
+            "heartbeat_interval": round(self.heartbeat_interval * 1000),
+            "max_frame_bytes": self.max_frame_bytes,
+            "frame_budget": self.frame_budget,
+            "frame_budget_window": round(self.frame_budget_window * 1000),
+            "resume_window": round(self.resume_window * 1000),
+        }
+
+
+# ---- actions the I/O layer performs (and answers back into the machine) -------------------------
+
+
+@dataclass(frozen=True)
+class Close:
+    """Close the WebSocket with ``code`` once the frames queued before it are sent.
+
+    ``resumable`` says whether the session survives (kept for the resume window).
+    """
+
+    code: int
+    reason: str
+    resumable: bool
+
+
+@dataclass(frozen=True)
+class Authenticate:
+    """IDENTIFY arrived: resolve ``token``, then call :meth:`GatewayConnection.identified`."""
+
+    token: str
+
+
+@dataclass(frozen=True)
+class ResumeLookup:
+    """RESUME arrived: authenticate ``token``, find ``session_id``, then call
+    :meth:`GatewayConnection.resume_begin` / ``resume_complete`` or ``resume_rejected``."""
+
+    token: str
+    session_id: str
+    seq: int
+
+
+@dataclass(frozen=True)
+class AuthorizeChannels:
+    """Check these channels, then call :meth:`GatewayConnection.authorized`."""
+
+    channels: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Subscribe:
+    """Route deliveries of these channels to this session."""
+
+    channels: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Unsubscribe:
+    """Stop routing deliveries of these channels to this session."""
+
+    channels: tuple[str, ...]
+
+
+Action = Close | Authenticate | ResumeLookup | AuthorizeChannels | Subscribe | Unsubscribe
+
+
+class ConnectionState(enum.Enum):
+    """Where a connection is in its life."""
+
+    AWAITING_IDENTIFY = "awaiting_identify"  # HELLO sent
+    AUTHENTICATING = "authenticating"  # IDENTIFY received, waiting for the authenticator
+    RESUMING = "resuming"  # RESUME received, waiting for / catching up the session
+    CONNECTED = "connected"  # READY or RESUMED sent
+    CLOSED = "closed"
+
+
+class SessionState:
+    """What a session is, independent of any one connection: the part that resume restores.
+
+    ``seq`` is the last sequence number assigned; ``buffer`` holds the non-ephemeral dispatches
+    with their seq and time (bounded by count, bytes and the resume window); every seq ``<=
+    buffer_floor`` has been evicted, so a RESUME from below it cannot be served.
+    ``positions`` is the last delivered bus position per channel: the seam for a resume that
+    rebuilds missed events from bus history, and the dedupe key at every seam.
+    """
+
+    __slots__ = (
+        "buffer",
+        "buffer_bytes",
+        "buffer_floor",
+        "channels",
+        "positions",
+        "principal",
+        "seq",
+        "session_id",
+    )
+
+    def __init__(self, session_id: str, principal: Principal) -> None:
+        self.session_id = session_id
+        self.principal = principal
+        self.channels: set[str] = set()
+        self.seq = 0
+        self.positions: dict[str, Position] = {}
+        self.buffer: deque[tuple[int, float, Dispatch]] = deque()
+        self.buffer_bytes = 0
+        self.buffer_floor = 0
+
+    def is_duplicate(self, dispatch: Dispatch) -> bool:
+        """Whether this bus event was already given a seq in this session (seam dedupe)."""
+        position = dispatch.position
+        if position is None or dispatch.channel is None:
+            return False
+        last = self.positions.get(dispatch.channel)
+        return last is not None and last.epoch == position.epoch and position.offset <= last.offset
+
+    def assign(self, dispatch: Dispatch, now: float, config: GatewayConfig) -> int:
+        """Give ``dispatch`` the next seq, remember it for replay, and return the seq."""
+        self.seq += 1
+        if dispatch.position is not None and dispatch.channel is not None:
+            self.positions[dispatch.channel] = dispatch.position
+        if not dispatch.ephemeral:
+            self.buffer.append((self.seq, now, dispatch))
+            self.buffer_bytes += dispatch.approximate_size()
+        self.trim(now, config)
+        return self.seq
+
+    def trim(self, now: float, config: GatewayConfig) -> None:
+        """Evict the oldest buffered dispatches beyond the count, byte and age bounds."""
+        buffer = self.buffer
+        horizon = now - config.resume_window
+        while buffer and (
+            len(buffer) > config.replay_frames
+            or self.buffer_bytes > config.replay_bytes
+            or buffer[0][1] < horizon
+        ):
+            seq, _, old = buffer.popleft()
+            self.buffer_bytes -= old.approximate_size()
+            self.buffer_floor = seq
+
+    def replay_after(self, seq: int) -> list[tuple[int, Dispatch]]:
+        """The buffered dispatches after ``seq``, oldest first (caller checks ``buffer_floor``)."""
+        return [(s, d) for s, _, d in self.buffer if s > seq]
+
+
+class _Out:
+    __slots__ = ("ephemeral", "frame", "size")
+
+    def __init__(self, frame: OutFrame | Close, size: int, ephemeral: bool) -> None:
+        self.frame = frame
+        self.size = size
+        self.ephemeral = ephemeral
+
+
+Handler = Callable[["GatewayConnection", ClientFrame, float], None]
+
+
+class GatewayConnection:
+    """One WebSocket connection's protocol state (and, once identified, its session's).
+
+    Call :meth:`start` first (queues HELLO). Then feed :meth:`receive_data` (or
+    :meth:`receive_frame`), :meth:`deliver`, :meth:`tick` and the answers to requested actions;
+    each returns the list of actions to perform. Take frames to send with :meth:`next_outgoing`.
+    After the connection ends, :meth:`connection_lost` keeps the session accumulating
+    deliveries in its replay buffer (same-node resume) until the I/O layer drops it.
+    """
+
+    def __init__(self, config: GatewayConfig, encoding: Encoding = "json") -> None:
+        self.config = config
+        self.encoding: Encoding = encoding
+        self.state = ConnectionState.AWAITING_IDENTIFY
+        self.session: SessionState | None = None
+        self.close_code: int | None = None
+        self.resumable = False
+        self._identify_deadline = 0.0
+        self._heartbeat_deadline = 0.0
+        self._budget_start = 0.0
+        self._budget_count = 0
+        self._pending_identify: tuple[str, ...] | None = None  # channels asked in IDENTIFY
+        self._resume_seq = 0
+        self._catch_up: list[Dispatch] = []  # live deliveries held while a resume catches up
+        self._outbox: deque[_Out] = deque()
+        self.outbox_bytes = 0
+        self.outbox_peak_frames = 0
+        self._actions: list[Action] = []
+
+    # ---- inputs ----------------------------------------------------------------------------
+
+    def start(self, now: float) -> list[Action]:
+        """The connection was accepted: queue HELLO and arm the deadlines."""
+        cfg = self.config
+        self._identify_deadline = now + cfg.identify_timeout
+        self._heartbeat_deadline = now + 1.5 * cfg.heartbeat_interval
+        self._budget_start = now
+        self._control(Op.HELLO, cfg.hello())
+        return self._take()
+
+    def receive_data(self, data: str | bytes, now: float) -> list[Action]:
+        """A raw client frame: decode (size limit first) and handle it."""
+        if self.state is ConnectionState.CLOSED:
+            return []
+        try:
+            frame = decode_client_frame(data, self.encoding, self.config.max_frame_bytes)
+        except FrameError as exc:
+            self._close(CloseCode.DECODE_ERROR, str(exc)[:100])
+            return self._take()
+        return self.receive_frame(frame, now)
+
+    def receive_frame(self, frame: ClientFrame, now: float) -> list[Action]:
+        """A decoded client frame."""
+        if self.state is ConnectionState.CLOSED:
+            return []
+        handler = TRANSITIONS.get((self.state, frame.op))
+        if handler is None:
+            if frame.op not in _CLIENT_OPS:
+                self._close(CloseCode.UNKNOWN_OPCODE, f"unknown opcode {frame.op}")
+            return self._take()
+        if frame.op != Op.HEARTBEAT and not self._charge_budget(frame.op, now):
+            return self._take()
+        handler(self, frame, now)
+        return self._take()
+
+    def tick(self, now: float) -> list[Action]:
+        """Time passed: enforce the identify and heartbeat deadlines."""
+        if self.state is ConnectionState.CLOSED:
+            return []
+        if (
+            self.session is None
+            and self.state is not ConnectionState.CONNECTED
+            and now >= self._identify_deadline
+        ):
+            self._close(CloseCode.NOT_AUTHENTICATED, "identify timeout")
+        elif now >= self._heartbeat_deadline:
+            self._close(CloseCode.SESSION_TIMED_OUT, "no heartbeat")
+        elif self.session is not None:
+            self.session.trim(now, self.config)
+        return self._take()
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`tick` must be called next (``None`` once closed)."""
+        if self.state is ConnectionState.CLOSED:
+            return None
+        if self.session is None and self.state is not ConnectionState.CONNECTED:
+            return min(self._identify_deadline, self._heartbeat_deadline)
+        return self._heartbeat_deadline
+
+    def deliver(self, dispatch: Dispatch, now: float) -> list[Action]:
+        """A bus event (or a presence update) for one of this session's channels."""
+        session = self.session
+        if session is None or dispatch.channel not in session.channels:
+            return []
+        if self.state is ConnectionState.RESUMING:
+            if len(self._catch_up) >= self.config.send_queue_frames:
+                self._close(CloseCode.SLOW_CONSUMER, "too many events during resume")
+            else:
+                self._catch_up.append(dispatch)
+            return self._take()
+        if session.is_duplicate(dispatch):
+            return []
+        self._dispatch(dispatch, now)
+        return self._take()
+
+    def invalidate(self, now: float) -> list[Action]:
+        """The bus lost events of a channel of this session (a ``Gap``): it cannot continue gap-free."""
+        if self.session is None:
+            return []
+        if self.state is not ConnectionState.CLOSED:
+            self._control(Op.INVALID_SESSION, False)
+            self._close(CloseCode.INVALID_SEQ, "events were lost; identify again", resumable=False)
+        self.resumable = False
+        return self._take()
+
+    def reconnect(self, now: float) -> list[Action]:
+        """The gateway is draining: ask the client to RESUME elsewhere (session kept)."""
+        if self.state is ConnectionState.CLOSED:
+            return []
+        self._control(Op.RECONNECT, None)
+        resumable = self.session is not None and self.state is ConnectionState.CONNECTED
+        self._close(1012, "gateway restarting: resume", resumable=resumable)
+        return self._take()
+
+    def force_close(self, code: int, reason: str, *, resumable: bool) -> list[Action]:
+        """Close for a reason outside the protocol (superseded by a RESUME elsewhere, server error)."""
+        self._close(code, reason, resumable=resumable and self.session is not None)
+        return self._take()
+
+    def connection_lost(self, client_code: int | None) -> None:
+        """The socket is gone. A client close 1000/1001 ends the session; anything else keeps it."""
+        if self.state is not ConnectionState.CLOSED:
+            connected = self.state is ConnectionState.CONNECTED
+            self.state = ConnectionState.CLOSED
+            self.resumable = connected and client_code not in (1000, 1001)
+        elif client_code in (1000, 1001):
+            self.resumable = False
+        self._outbox.clear()
+        self.outbox_bytes = 0
+
+    # ---- answers to actions ----------------------------------------------------------------
+
+    def identified(self, principal: Principal | None, session_id: str, now: float) -> list[Action]:
+        """Answer to :class:`Authenticate`: ``None`` rejects (close 4004)."""
+        if self.state is not ConnectionState.AUTHENTICATING:
+            return []
+        if principal is None:
+            self._close(CloseCode.AUTHENTICATION_FAILED, "authentication failed", resumable=False)
+            return self._take()
+        self.session = SessionState(session_id, principal)
+        channels = self._pending_identify or ()
+        self._pending_identify = None
+        if channels:
+            self._actions.append(AuthorizeChannels(channels))
+        else:
+            self._ready([], [], now)
+        return self._take()
+
+    def authorized(self, granted: Sequence[str], denied: Sequence[str], now: float) -> list[Action]:
+        """Answer to :class:`AuthorizeChannels`."""
+        session = self.session
+        if session is None or self.state is ConnectionState.CLOSED:
+            return []
+        room = self.config.max_channels - len(session.channels)
+        accepted = [c for c in granted if c not in session.channels][: max(room, 0)]
+        denied = list(denied) + [c for c in granted if c not in accepted and c not in session.channels]
+        session.channels.update(accepted)
+        if accepted:
+            self._actions.append(Subscribe(tuple(accepted)))
+        if self.state is ConnectionState.AUTHENTICATING:
+            self._ready(accepted, denied, now)
+        else:
+            self._dispatch(Dispatch.of("SUBSCRIBED", {"granted": accepted, "denied": denied}), now)
+        return self._take()
+
+    def resume_begin(self, session: SessionState, now: float) -> list[Action]:
+        """Answer to :class:`ResumeLookup`: the session was found and the token matches it.
+
+        From now on live deliveries are held until :meth:`resume_complete` (the seam).
+        """
+        if self.state is not ConnectionState.RESUMING:
+            return []
+        self.session = session
+        self._catch_up = []
+        if self._resume_seq > session.seq:
+            self._close(CloseCode.INVALID_SEQ, "seq is ahead of the session", resumable=False)
+        elif self._resume_seq < session.buffer_floor or self._resume_seq < 1:
+            self._invalid_session()
+        return self._take()
+
+    def resume_complete(self, missed: Iterable[Dispatch], now: float) -> list[Action]:
+        """Replay the buffer after the client's seq, then ``missed`` (rebuilt from bus history by
+        another node), then RESUMED, then the live deliveries held since :meth:`resume_begin`."""
+        session = self.session
+        if self.state is not ConnectionState.RESUMING or session is None:
+            return self._take()
+        replay = session.replay_after(self._resume_seq)
+        skipped = session.seq - self._resume_seq - len(replay)
+        self.state = ConnectionState.CONNECTED
+        for seq, dispatch in replay:
+            self._push(dispatch.render(self.encoding, seq), dispatch.approximate_size(), False)
+        replayed = len(replay)
+        for dispatch in missed:
+            if dispatch.channel in session.channels and not session.is_duplicate(dispatch):
+                self._dispatch(dispatch, now)
+                replayed += 1
+        self._dispatch(
+            Dispatch.of("RESUMED", {"replayed": replayed, "skipped_ephemeral": skipped}, ephemeral=True), now
+        )
+        held, self._catch_up = self._catch_up, []
+        for dispatch in held:
+            if not session.is_duplicate(dispatch):
+                self._dispatch(dispatch, now)
+        return self._take()
+
+    def resume_rejected(self, authenticated: bool, now: float) -> list[Action]:
+        """Answer to :class:`ResumeLookup`: bad token (4004) or no resumable session (INVALID_SESSION)."""
+        if self.state is not ConnectionState.RESUMING:
+            return []
+        if not authenticated:
+            self._close(CloseCode.AUTHENTICATION_FAILED, "authentication failed", resumable=False)
+        else:
+            self._invalid_session()
+        return self._take()
+
+    # ---- outbox ----------------------------------------------------------------------------
+
+    def next_outgoing(self) -> OutFrame | Close | None:
+        """The next frame to send (or the final :class:`Close`), ``None`` when nothing is queued."""
+        if not self._outbox:
+            return None
+        out = self._outbox.popleft()
+        self.outbox_bytes -= out.size
+        return out.frame
+
+    @property
+    def outbox_frames(self) -> int:
+        """Frames queued and not yet taken by the writer."""
+        return len(self._outbox)
+
+    # ---- handlers (the transition table's targets) ---------------------------------------
+
+    def _on_heartbeat(self, frame: ClientFrame, now: float) -> None:
+        self._heartbeat_deadline = now + 1.5 * self.config.heartbeat_interval
+        self._control(Op.HEARTBEAT_ACK, None)
+
+    def _on_identify(self, frame: ClientFrame, now: float) -> None:
+        d = frame.d
+        token = d.get("token") if isinstance(d, dict) else None
+        channels = self._channels_of(d.get("subscriptions", []) if isinstance(d, dict) else None)
+        if not isinstance(token, str) or channels is None:
+            self._close(CloseCode.DECODE_ERROR, "invalid IDENTIFY payload")
+            return
+        self.state = ConnectionState.AUTHENTICATING
+        self._pending_identify = channels
+        self._actions.append(Authenticate(token))
+
+    def _on_resume(self, frame: ClientFrame, now: float) -> None:
+        d = frame.d
+        if not isinstance(d, dict):
+            self._close(CloseCode.DECODE_ERROR, "invalid RESUME payload")
+            return
+        token, session_id, seq = d.get("token"), d.get("session_id"), d.get("seq")
+        if not isinstance(token, str) or not isinstance(session_id, str) or type(seq) is not int or seq < 0:
+            self._close(CloseCode.DECODE_ERROR, "invalid RESUME payload")
+            return
+        self.state = ConnectionState.RESUMING
+        self._resume_seq = seq
+        self._actions.append(ResumeLookup(token, session_id, seq))
+
+    def _on_subscribe(self, frame: ClientFrame, now: float) -> None:
+        channels = self._channels_of(frame.d.get("channels") if isinstance(frame.d, dict) else None)
+        if channels is None:
+            self._close(CloseCode.DECODE_ERROR, "invalid SUBSCRIBE payload")
+            return
+        assert self.session is not None
+        new = tuple(c for c in channels if c not in self.session.channels)
+        if new:
+            self._actions.append(AuthorizeChannels(new))
+        else:
+            self._dispatch(Dispatch.of("SUBSCRIBED", {"granted": [], "denied": []}), now)
+
+    def _on_unsubscribe(self, frame: ClientFrame, now: float) -> None:
+        channels = self._channels_of(frame.d.get("channels") if isinstance(frame.d, dict) else None)
+        if channels is None:
+            self._close(CloseCode.DECODE_ERROR, "invalid UNSUBSCRIBE payload")
+            return
+        assert self.session is not None
+        gone = tuple(c for c in channels if c in self.session.channels)
+        self.session.channels.difference_update(gone)
+        for channel in gone:
+            self.session.positions.pop(channel, None)
+        if gone:
+            self._actions.append(Unsubscribe(gone))
+        self._dispatch(Dispatch.of("UNSUBSCRIBED", {"channels": list(gone)}), now)
+
+    def _not_authenticated(self, frame: ClientFrame, now: float) -> None:
+        self._close(CloseCode.NOT_AUTHENTICATED, "identify first", resumable=False)
+
+    def _already_authenticated(self, frame: ClientFrame, now: float) -> None:
+        self._close(CloseCode.ALREADY_AUTHENTICATED, "already authenticated")
+
+    # ---- internals -------------------------------------------------------------------------
+
+    def _channels_of(self, value: Any) -> tuple[str, ...] | None:
+        cfg = self.config
+        if not isinstance(value, list) or len(value) > cfg.max_channels:
+            return None
+        if not all(isinstance(c, str) and 0 < len(c) <= cfg.max_channel_length for c in value):
+            return None
+        return tuple(dict.fromkeys(value))
+
+    def _charge_budget(self, op: int, now: float) -> bool:
+        cfg = self.config
+        if now >= self._budget_start + cfg.frame_budget_window:
+            self._budget_start, self._budget_count = now, 0
+        self._budget_count += 1
+        if self._budget_count <= cfg.frame_budget:
+            return True
+        if self._budget_count > 2 * cfg.frame_budget:
+            self._close(CloseCode.RATE_LIMITED, "frame budget exceeded")
+        elif self.session is not None and self.state is ConnectionState.CONNECTED:
+            retry_after = round(max(self._budget_start + cfg.frame_budget_window - now, 0.0), 3)
+            self._dispatch(
+                Dispatch.of("RATE_LIMITED", {"retry_after": retry_after, "op": op}, ephemeral=True), now
+            )
+        return False
+
+    def _ready(self, granted: list[str], denied: list[str], now: float) -> None:
+        assert self.session is not None
+        self.state = ConnectionState.CONNECTED
+        ready = {
+            "session_id": self.session.session_id,
+            "resume_gateway_url": self.config.resume_gateway_url,
+            "user": self.session.principal.identity(),
+            "subscriptions": granted,
+            "denied": denied,
+        }
+        self._dispatch(Dispatch.of("READY", ready), now)
+
+    def _invalid_session(self) -> None:
+        self.session = None
+        self._catch_up = []
+        self.state = ConnectionState.AWAITING_IDENTIFY
+        self._control(Op.INVALID_SESSION, False)
+
+    def _dispatch(self, dispatch: Dispatch, now: float) -> None:
+        session = self.session
+        assert session is not None
+        seq = session.assign(dispatch, now, self.config)
+        if self.state is ConnectionState.CONNECTED:
+            self._push(dispatch.render(self.encoding, seq), dispatch.approximate_size(), dispatch.ephemeral)
+
+    def _control(self, op: int, d: Any) -> None:
+        frame = encode_control(self.encoding, op, d)
+        self._push(frame, len(frame), False)
+
+    def _push(self, frame: OutFrame, size: int, ephemeral: bool) -> None:
+        cfg = self.config
+        outbox = self._outbox
+        if len(outbox) + 1 > cfg.send_queue_frames or self.outbox_bytes + size > cfg.send_queue_bytes:
+            # Overflow policy: drop queued ephemeral frames first, then this one if ephemeral,
+            # and only then give up on the consumer (4010, resumable).
+            kept = deque(o for o in outbox if not o.ephemeral)
+            if len(kept) != len(outbox):
+                self._outbox = outbox = kept
+                self.outbox_bytes = sum(o.size for o in kept)
+            if len(outbox) + 1 > cfg.send_queue_frames or self.outbox_bytes + size > cfg.send_queue_bytes:
+                if not ephemeral:
+                    self._close(CloseCode.SLOW_CONSUMER, "slow consumer", flush=False)
+                return
+        outbox.append(_Out(frame, size, ephemeral))
+        self.outbox_bytes += size
+        if len(outbox) > self.outbox_peak_frames:
+            self.outbox_peak_frames = len(outbox)
+
+    def _close(self, code: int, reason: str, *, resumable: bool | None = None, flush: bool = True) -> None:
+        if self.state is ConnectionState.CLOSED:
+            return
+        connected = self.session is not None and self.state is ConnectionState.CONNECTED
+        if resumable is None:
+            resumable = connected and code in RESUMABLE_CLOSES
+        self.state = ConnectionState.CLOSED
+        self.close_code = code
+        self.resumable = resumable
+        if not flush:
+            self._outbox.clear()
+            self.outbox_bytes = 0
+        close = Close(code, reason, resumable)
+        self._outbox.append(_Out(close, 0, False))
+        self._actions.append(close)
+
+    def _take(self) -> list[Action]:
+        actions, self._actions = self._actions, []
+        return actions
+
+
+_CLIENT_OPS = frozenset({Op.HEARTBEAT, Op.IDENTIFY, Op.RESUME, Op.SUBSCRIBE, Op.UNSUBSCRIBE})
+
+_S = ConnectionState
+_C = GatewayConnection
+TRANSITIONS: dict[tuple[ConnectionState, int], Handler] = {
+    (_S.AWAITING_IDENTIFY, Op.HEARTBEAT): _C._on_heartbeat,
+    (_S.AWAITING_IDENTIFY, Op.IDENTIFY): _C._on_identify,
+    (_S.AWAITING_IDENTIFY, Op.RESUME): _C._on_resume,
+    (_S.AWAITING_IDENTIFY, Op.SUBSCRIBE): _C._not_authenticated,
+    (_S.AWAITING_IDENTIFY, Op.UNSUBSCRIBE): _C._not_authenticated,
+    (_S.AUTHENTICATING, Op.HEARTBEAT): _C._on_heartbeat,
+    (_S.AUTHENTICATING, Op.IDENTIFY): _C._already_authenticated,
+    (_S.AUTHENTICATING, Op.RESUME): _C._already_authenticated,
+    (_S.AUTHENTICATING, Op.SUBSCRIBE): _C._not_authenticated,
+    (_S.AUTHENTICATING, Op.UNSUBSCRIBE): _C._not_authenticated,
+    (_S.RESUMING, Op.HEARTBEAT): _C._on_heartbeat,
+    (_S.RESUMING, Op.IDENTIFY): _C._already_authenticated,
+    (_S.RESUMING, Op.RESUME): _C._already_authenticated,
+    (_S.RESUMING, Op.SUBSCRIBE): _C._not_authenticated,
+    (_S.RESUMING, Op.UNSUBSCRIBE): _C._not_authenticated,
+    (_S.CONNECTED, Op.HEARTBEAT): _C._on_heartbeat,
+    (_S.CONNECTED, Op.IDENTIFY): _C._already_authenticated,
+    (_S.CONNECTED, Op.RESUME): _C._already_authenticated,
+    (_S.CONNECTED, Op.SUBSCRIBE): _C._on_subscribe,
+    (_S.CONNECTED, Op.UNSUBSCRIBE): _C._on_unsubscribe,
+}
+"""Every allowed (state, client opcode) pair and its handler; a client opcode missing here for the
+current state is impossible by construction (CLOSED accepts nothing)."""
