@@ -99,6 +99,11 @@ def _error(status: int, code: str, message: str, errors: dict[str, str] | None =
     return JSONResponse({"code": code, "message": message, "errors": errors or {}}, status_code=status)
 
 
+def _rate_limited(decision: splitchat.RateLimitDecision) -> JSONResponse:
+    body = {"message": "You are being rate limited.", "retry_after": decision.retry_after, "global": False}
+    return JSONResponse(body, status_code=429, headers=dict(decision.headers()))
+
+
 def build_app(config: ChatConfig | None = None, *, bus: splitchat.Bus | None = None) -> Starlette:
     """The chat application (a Starlette app with lifespan); ``bus`` overrides ``config.bus_url``."""
     config = config or ChatConfig.from_env()
@@ -255,11 +260,7 @@ def build_app(config: ChatConfig | None = None, *, bus: splitchat.Bus | None = N
             return _error(404, "unknown_channel", "Unknown channel")
         decision = await limiter.hit(f"history:{principal.id}", config.global_rate, bucket="history")
         if not decision.allowed:
-            return JSONResponse(
-                {"message": "You are being rate limited.", "retry_after": decision.retry_after, "global": False},
-                status_code=429,
-                headers=dict(decision.headers()),
-            )
+            return _rate_limited(decision)
         errors: dict[str, str] = {}
         bounds: dict[str, int | None] = {"before": None, "after": None}
         for name in bounds:
@@ -284,11 +285,7 @@ def build_app(config: ChatConfig | None = None, *, bus: splitchat.Bus | None = N
         client = request.client.host if request.client else "unknown"
         decision = await limiter.hit(f"login:{client}", config.login_rate, bucket="login", scope="shared")
         if not decision.allowed:
-            return JSONResponse(
-                {"message": "You are being rate limited.", "retry_after": decision.retry_after, "global": False},
-                status_code=429,
-                headers=dict(decision.headers()),
-            )
+            return _rate_limited(decision)
         if "json" not in request.headers.get("content-type", ""):
             return _error(415, "unsupported_media_type", "Send application/json")
         raw = b""

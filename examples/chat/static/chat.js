@@ -16,6 +16,7 @@ const chat = {
   typing: new Map(), // channel id -> Map(user id -> {name, expires})
   presence: new Map(), // channel id -> Map(user id -> user)
   lastTypingSent: 0,
+  stateLog: [], // every connection state, in order (shown in the header; read by tests)
 };
 window.chat = chat; // for debugging and the end-to-end tests
 
@@ -234,7 +235,10 @@ function sendTyping() {
 // ---- wiring ----------------------------------------------------------------------------------------
 
 function wireGateway(client) {
-  client.onState((state) => showConnection(state));
+  client.onState((state) => {
+    chat.stateLog.push(state);
+    showConnection(state);
+  });
   client.onRateLimited((info) => showRateLimit(info.retryAfter));
   client.on("READY", () => {
     resync().catch(console.error);
