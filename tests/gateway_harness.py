@@ -46,7 +46,9 @@ def make_app(bus: Bus, gateway: Gateway) -> Starlette:
         position = await bus.publish(body["channel"], payload)
         return JSONResponse({"id": event_id, "position": str(position)})
 
-    return Starlette(routes=[WebSocketRoute("/gateway", gateway), Route("/publish", publish, methods=["POST"])])
+    return Starlette(
+        routes=[WebSocketRoute("/gateway", gateway), Route("/publish", publish, methods=["POST"])]
+    )
 
 
 class Server:

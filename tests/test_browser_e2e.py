@@ -53,7 +53,9 @@ def join(browser: Any, url: str, name: str) -> tuple[Any, Any]:
 
 
 def message_texts(page: Any) -> list[str]:
-    return list(page.eval_on_selector_all("#messages .message .content", "els => els.map(e => e.textContent)"))
+    return list(
+        page.eval_on_selector_all("#messages .message .content", "els => els.map(e => e.textContent)")
+    )
 
 
 def send(page: Any, text: str) -> None:

@@ -219,7 +219,9 @@ async def test_close_4003_identify_timeout_and_4009_missed_heartbeat() -> None:
         await expect_close(ws, 4009)  # 1.5 x 0.2 s without a heartbeat
         # ... and the session stays resumable
         ws2, _ = await _connect_hello(server)
-        await send(ws2, {"op": 6, "d": {"token": "token-1", "session_id": ready["d"]["session_id"], "seq": 1}})
+        await send(
+            ws2, {"op": 6, "d": {"token": "token-1", "session_id": ready["d"]["session_id"], "seq": 1}}
+        )
         frames = [await recv(ws2)]
         while frames[-1].get("t") != "RESUMED":
             frames.append(await recv(ws2))
@@ -248,7 +250,12 @@ async def test_frame_budget_rate_limited_then_4008() -> None:
 async def test_slow_consumer_4010_while_others_keep_receiving() -> None:
     events = 400
     queue_frames = 20
-    async with running(send_queue_frames=queue_frames, send_queue_bytes=1 << 20) as (server, gateway, bus, http):
+    async with running(send_queue_frames=queue_frames, send_queue_bytes=1 << 20) as (
+        server,
+        gateway,
+        bus,
+        http,
+    ):
         # The stalled client: tiny receive buffers so TCP backpressure reaches the server quickly.
         stalled, ready = await identify(server, token="token-0", channels=["busy"], max_queue=1)
         stalled_session = ready["d"]["session_id"]
@@ -309,7 +316,11 @@ async def test_msgpack_end_to_end() -> None:
 async def test_presence_join_and_leave() -> None:
     async with running() as (server, gateway, bus, http):
         a, _ = await identify(server, token="token-1", channels=["lobby"])
-        assert (await recv(a))["d"] == {"channel": "lobby", "user": {"id": "u1", "name": "user 1"}, "status": "online"}
+        assert (await recv(a))["d"] == {
+            "channel": "lobby",
+            "user": {"id": "u1", "name": "user 1"},
+            "status": "online",
+        }
         b, _ = await identify(server, token="token-2", channels=["lobby"])
         joined = await recv(a)
         assert joined["t"] == "PRESENCE_UPDATE" and joined["d"]["user"]["id"] == "u2"
@@ -389,7 +400,9 @@ async def test_drain_reconnect_then_resume_on_another_gateway() -> None:
             async with serve(make_app(bus, second)) as server2:
                 async with httpx.AsyncClient(base_url=server2.base) as http:
                     ws2, _ = await _connect_hello(server2)
-                    await send(ws2, {"op": 6, "d": {"token": "token-1", "session_id": session_id, "seq": last_seq}})
+                    await send(
+                        ws2, {"op": 6, "d": {"token": "token-1", "session_id": session_id, "seq": last_seq}}
+                    )
                     got = [await recv(ws2)]
                     while got[-1].get("t") != "RESUMED":
                         got.append(await recv(ws2))
