@@ -429,12 +429,14 @@ class CommandEndpoint:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the idempotency store (the bus is started by its owner, see :func:`lifespan`)."""
+        """Start the rate limiter and idempotency store (the bus is started by its owner)."""
+        await self.rate_limiter.start()
         await self.idempotency_store.start()
 
     async def close(self) -> None:
-        """Close the idempotency store."""
+        """Close the idempotency store and the rate limiter (both closes are idempotent)."""
         await self.idempotency_store.close()
+        await self.rate_limiter.close()
 
     # -- ASGI --------------------------------------------------------------------------------
 

@@ -211,6 +211,21 @@ class RateLimiter:
             assert self._async is not None
             await self._async.clear(item, key)
 
+    async def start(self) -> None:
+        """Nothing to connect eagerly (``limits`` connects on first use); for :func:`lifespan`."""
+
+    async def close(self) -> None:
+        """Close the network client of an ``async+`` storage. Idempotent; a no-op for memory.
+
+        ``limits`` has no public close, so this closes the redis-py client its Redis storage
+        holds (``storage.bridge.storage``) when it is there.
+        """
+        bridge = getattr(self._storage, "bridge", None)
+        client = getattr(bridge, "storage", None)
+        aclose = getattr(client, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
     async def reset(self) -> None:
         """Forget every hit of every key (tests, admin tooling)."""
         result = self._storage.reset()

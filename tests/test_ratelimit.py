@@ -1,0 +1,105 @@
+"""RateLimiter on the synchronous in-memory storage (asyncio and trio)."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from splitchat import RateLimitDecision, RateLimiter, parse_limit
+
+
+@pytest.mark.parametrize("strategy", ["moving", "fixed", "sliding"])
+async def test_allows_up_to_the_limit_then_refuses(strategy: str) -> None:
+    limiter = RateLimiter(strategy=strategy)  # type: ignore[arg-type]
+    decisions = [await limiter.hit("k", "5/5 seconds", bucket="b") for _ in range(7)]
+    assert [d.allowed for d in decisions] == [True] * 5 + [False] * 2
+    assert [d.remaining for d in decisions] == [4, 3, 2, 1, 0, 0, 0]
+    assert all(d.limit == 5 and d.bucket == "b" and d.scope == "user" for d in decisions)
+    refused = decisions[-1]
+    assert 0 < refused.retry_after <= 5
+    assert refused.reset == pytest.approx(time.time() + refused.reset_after, abs=0.5)
+
+
+async def test_moving_window_retry_after_is_time_until_oldest_hit_expires() -> None:
+    limiter = RateLimiter()
+    first = time.time()
+    for _ in range(3):
+        await limiter.hit("k", "3/2 seconds")
+    refused = await limiter.hit("k", "3/2 seconds")
+    assert not refused.allowed
+    assert refused.reset == pytest.approx(first + 2, abs=0.1)
+
+
+async def test_window_frees_after_it_passes() -> None:
+    limiter = RateLimiter()
+    assert (await limiter.hit("k", "1/second")).allowed
+    assert not (await limiter.hit("k", "1/second")).allowed
+    await anyio.sleep(1.05)
+    assert (await limiter.hit("k", "1/second")).allowed
+
+
+async def test_keys_are_independent_and_peek_does_not_count() -> None:
+    limiter = RateLimiter()
+    assert (await limiter.hit("a", "1/minute")).allowed
+    assert (await limiter.peek("b", "1/minute")).allowed
+    assert (await limiter.peek("b", "1/minute")).allowed
+    assert (await limiter.hit("b", "1/minute")).allowed
+    assert not (await limiter.peek("b", "1/minute")).allowed
+    await limiter.clear("b", "1/minute")
+    assert (await limiter.hit("b", "1/minute")).allowed
+    await limiter.reset()
+    assert (await limiter.hit("a", "1/minute")).allowed
+
+
+def test_headers_when_allowed_and_refused() -> None:
+    allowed = RateLimitDecision(
+        allowed=True, limit=5, remaining=3, reset=1700000000.25, reset_after=2.5, bucket="b", scope="user"
+    )
+    assert dict(allowed.headers()) == {
+        "x-ratelimit-limit": "5",
+        "x-ratelimit-remaining": "3",
+        "x-ratelimit-reset": "1700000000.250",
+        "x-ratelimit-reset-after": "2.500",
+        "x-ratelimit-bucket": "b",
+    }
+    assert allowed.retry_after == 0
+    refused = RateLimitDecision(
+        allowed=False,
+        limit=5,
+        remaining=0,
+        reset=1700000000.25,
+        reset_after=2.0001,
+        bucket="g",
+        scope="global",
+    )
+    headers = dict(refused.headers())
+    assert headers["retry-after"] == "3"
+    assert headers["x-ratelimit-scope"] == "global"
+    assert headers["x-ratelimit-global"] == "true"
+    assert refused.retry_after == 2.001
+
+
+def test_configuration_errors() -> None:
+    with pytest.raises(ValueError, match="unknown strategy"):
+        RateLimiter(strategy="leaky")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="memory://"):
+        RateLimiter("async+memory://")
+    with pytest.raises(ValueError, match="invalid rate limit"):
+        RateLimiter.validate("lots")
+    assert not RateLimiter().is_async
+
+
+@settings(max_examples=50, deadline=None)
+@given(limit=st.integers(1, 20), hits=st.integers(0, 40))
+def test_never_allows_more_than_the_limit(limit: int, hits: int) -> None:
+    async def run() -> list[RateLimitDecision]:
+        limiter = RateLimiter()
+        return [await limiter.hit("k", f"{limit}/hour") for _ in range(hits)]
+
+    decisions = anyio.run(run)
+    assert sum(d.allowed for d in decisions) == min(limit, hits)
+    assert all(d.remaining >= 0 for d in decisions)
+    assert parse_limit(f"{limit}/hour").amount == limit
