@@ -41,6 +41,11 @@ from ._sessions import BufferedDispatch, InMemorySessionStore, SessionRecord, Se
 
 # --- end gateway ---
 from ._snowflake import SPLITCHAT_EPOCH_MS, SnowflakeGenerator, snowflake_time
+
+# --- browser client (webapp) ---
+from ._static import BROWSER_CLIENT_FILENAME, browser_client_mount, browser_client_path, static_files
+
+# --- end browser client ---
 from .bus import (
     Bus,
     BusError,
@@ -101,6 +106,12 @@ __all__ = (
     "decode_client_frame",
     # end gateway
     "SPLITCHAT_EPOCH_MS",
+    # --- browser client (webapp) ---
+    "BROWSER_CLIENT_FILENAME",
+    "browser_client_mount",
+    "browser_client_path",
+    "static_files",
+    # --- end browser client ---
     "AuthenticationError",
     "Authenticator",
     "Bus",
