@@ -10,9 +10,3 @@ import pytest
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
-
-def pytest_configure(config: pytest.Config) -> None:
-    # Registered here rather than in pyproject so the webapp branch needs no config change there.
-    config.addinivalue_line(
-        "markers", "browser: drives the distribution's Chromium through Playwright (skipped if missing)"
-    )
