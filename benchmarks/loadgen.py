@@ -9,6 +9,7 @@ own CPU so a saturated generator is flagged instead of being mistaken for a slow
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import os
@@ -111,6 +112,8 @@ class Run:
         self.post_errors = 0
         self.post_latencies: list[int] = []
         self.nonce_prefix = f"{os.getpid()}-{time.monotonic_ns()}"
+        self.nonces = itertools.count()  # unique per POST, also across warm-up and measured rounds
+        self.error_statuses: Counter[int] = Counter()
 
     async def connect_clients(self, collector: Collector, count: int, slow: set[int]) -> int:
         """Open ``count`` clients, at most ``connect_concurrency`` handshakes at a time; returns failures."""
@@ -145,7 +148,7 @@ class Run:
         return failures
 
     def body(self, seq: int, sent_ns: int) -> bytes:
-        nonce = f"{self.nonce_prefix}-{seq}"
+        nonce = f"{self.nonce_prefix}-{next(self.nonces)}"
         return _encode({"seq": seq, "sent_ns": sent_ns, "content": self.padding, "nonce": nonce})
 
     async def post(self, connection: HttpConnection, seq: int, sent_ns: int | None = None) -> None:
@@ -158,6 +161,7 @@ class Run:
         self.post_latencies.append(time.perf_counter_ns() - sent)
         if status != 200:
             self.post_errors += 1
+            self.error_statuses[status] += 1
 
     def connection(self) -> HttpConnection:
         return HttpConnection(HOST, self.server["http_port"], dict(self.server.get("post_headers", {})))
@@ -274,6 +278,7 @@ async def fanout(run: Run, slow_fraction: float = 0.0) -> dict[str, Any]:
         "connect_failures": failures,
         "posts": posts,
         "post_errors": run.post_errors,
+        "post_error_statuses": dict(run.error_statuses),
         "deliveries_per_s": collector.deliveries / seconds if seconds > 0 else 0.0,
         "server_cpu_us_per_delivery": 1e6 * measured["server_cpu_s"] / max(collector.deliveries, 1),
     }
@@ -375,6 +380,7 @@ async def ingest(run: Run) -> dict[str, Any]:
                 f"{prefix}loadgen_saturated": measured["loadgen_saturated"],
             }
         )
+    result["post_error_statuses"] = dict(run.error_statuses)
     result["post_errors"] = sum(v for k, v in result.items() if k.endswith("post_errors"))
     result["loadgen_saturated"] = any(v for k, v in result.items() if k.endswith("loadgen_saturated"))
     return result

@@ -128,6 +128,13 @@ def spec_for(scenario: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def child_env() -> dict[str, str]:
+    """The children import ``benchmarks`` from the repository root; an existing PYTHONPATH stays first
+    (so a scratch splitchat tree can be benchmarked without installing it)."""
+    paths = [p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
 class Server:
     """A contender's server process; ``info`` is what it announced on its READY line."""
 
@@ -138,7 +145,7 @@ class Server:
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=self.log,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            env=child_env(),
         )
         self.info = self._await_ready(timeout=20)
 
@@ -187,7 +194,7 @@ def run_once(contender: Contender, scenario: str, args: argparse.Namespace, log_
         completed = subprocess.run(
             [sys.executable, "-m", "benchmarks.loadgen", json.dumps(spec)],
             cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            env=child_env(),
             capture_output=True,
             timeout=args.timeout + 30,
             check=False,
