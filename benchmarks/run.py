@@ -90,7 +90,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ingest-requests", type=int, default=5000, help="POSTs (ingest)")
     parser.add_argument("--ingest-concurrency", type=int, default=10, help="concurrent POSTs (ingest)")
     parser.add_argument("--slow-fraction", type=float, default=0.05, help="clients that stop reading (slow)")
-    parser.add_argument("--slow-padding", type=int, default=2048, help="payload padding bytes (slow)")
+    parser.add_argument("--slow-posts", type=int, default=400, help="POSTs per run (slow)")
+    parser.add_argument("--slow-padding", type=int, default=4096, help="payload padding bytes (slow)")
     parser.add_argument("--padding", type=int, default=64, help="payload padding bytes (other scenarios)")
     parser.add_argument("--timeout", type=float, default=180, help="seconds; bound of one load-generator run")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, 1 repetition (CI smoke test)")
@@ -98,7 +99,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.repeat, args.clients, args.posts, args.inflight = 1, 5, 5, 2
+        args.repeat, args.clients, args.posts, args.slow_posts, args.inflight = 1, 5, 5, 5, 2
         args.rate, args.duration, args.idle_clients = 20, 0.5, 10
         args.ingest_requests, args.ingest_concurrency, args.slow_fraction = 20, 2, 0.2
         args.timeout = 20
@@ -113,7 +114,7 @@ def spec_for(scenario: str, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "scenario": scenario,
         "clients": args.clients,
-        "posts": args.posts,
+        "posts": args.slow_posts if scenario == "slow" else args.posts,
         "inflight": args.inflight,
         "rate": args.rate,
         "duration": args.duration,
