@@ -179,6 +179,11 @@ class WsClient(asyncio.Protocol):
         if self.transport is not None:
             self.transport.pause_reading()
 
+    def resume(self) -> None:
+        """Read again (to find out whether the server closed this connection meanwhile)."""
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
 
 class Dialect:
     """Turns a contender's messages into ready/delivery events. Subclasses override ``on_message``."""

@@ -283,9 +283,16 @@ async def fanout(run: Run, slow_fraction: float = 0.0) -> dict[str, Any]:
         "server_cpu_us_per_delivery": 1e6 * measured["server_cpu_s"] / max(collector.deliveries, 1),
     }
     if slow:
+        # A paused reader cannot see the server's close: resume the slow clients and give them a
+        # moment to read what was buffered, then count the connections the server had cut.
+        for client in run.clients:
+            if client.index in slow:
+                client.resume()
+        await asyncio.sleep(float(run.spec.get("slow_grace", 2.0)))
         result.update(
             slow_clients=len(slow),
             slow_disconnected=sum(1 for c in run.clients if c.index in slow and c.closed),
+            slow_deliveries=collector.slow_deliveries,
             rss_samples=samples,
             rss_growth_mb=(max(s[1] for s in samples) - samples[0][1]) if samples else None,
         )
@@ -318,6 +325,9 @@ async def latency(run: Run) -> dict[str, Any]:
         "connect_failures": failures,
         "posts": posts,
         "post_errors": run.post_errors,
+        "post_error_statuses": dict(run.error_statuses),
+        "offered_deliveries_per_s": rate * len(run.clients),
+        "deliveries_per_s": collector.deliveries / measured["wall_s"] if measured["wall_s"] else 0.0,
         "server_cpu_us_per_delivery": 1e6 * measured["server_cpu_s"] / max(collector.deliveries, 1),
     }
     await run.close_clients()

@@ -46,6 +46,7 @@ METRICS: dict[str, list[tuple[str, str, bool]]] = {
         ("latency_ms.p99", "p99 ms", False),
     ],
     "latency": [
+        ("deliveries_per_s", "achieved deliveries/s", True),
         ("latency_ms.p50", "p50 ms", False),
         ("latency_ms.p90", "p90 ms", False),
         ("latency_ms.p99", "p99 ms", False),
@@ -63,6 +64,7 @@ METRICS: dict[str, list[tuple[str, str, bool]]] = {
         ("latency_ms.p99", "healthy p99 ms", False),
         ("rss_growth_mb", "server RSS growth MiB", False),
         ("slow_disconnected", "slow clients cut", True),
+        ("slow_deliveries", "deliveries to slow clients", True),
     ],
 }
 # Correctness counters: any non-zero value flags the run in the table.
@@ -126,6 +128,7 @@ def spec_for(scenario: str, args: argparse.Namespace) -> dict[str, Any]:
         "timeout": args.timeout,
         "drain_timeout": 3 if args.smoke else 10,
         "settle": 0.2 if args.smoke else 1.0,
+        "slow_grace": 0.5 if args.smoke else 2.0,
     }
 
 
