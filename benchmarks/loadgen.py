@@ -102,7 +102,10 @@ class Run:
     def __init__(self, spec: dict[str, Any]) -> None:
         self.spec = spec
         self.server = spec["server"]
+        # Two-node scenario: clients alternate between every node, POSTs go to the first one.
+        self.nodes: list[dict[str, Any]] = [self.server, *spec.get("extra_servers", [])]
         self.pid: int = self.server["pid"]
+        self.pids: list[int] = [node["pid"] for node in self.nodes]
         self.channel: str = spec.get("channel", "bench")
         options = {**self.server, "channel": self.channel}
         self.dialect: Dialect = DIALECTS[self.server["dialect"]](options)
@@ -127,7 +130,7 @@ class Run:
                 try:
                     client = await connect(
                         host=HOST,
-                        port=self.server["ws_port"],
+                        port=self.nodes[index % len(self.nodes)]["ws_port"],
                         dialect=self.dialect,
                         channel=self.channel,
                         index=index,
@@ -233,12 +236,12 @@ def percentile_ms(values: list[int], p: float) -> float | None:
 
 
 class Meter:
-    """Server CPU and generator CPU over a measured phase."""
+    """Server CPU (summed over every node) and generator CPU over a measured phase."""
 
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
         self.wall0 = time.perf_counter()
-        self.server0 = cpu_seconds(pid)
+        self.server0 = sum(cpu_seconds(pid) for pid in pids)
         self.self0 = self_cpu_seconds()
 
     def stop(self) -> dict[str, Any]:
@@ -246,8 +249,8 @@ class Meter:
         own = (self_cpu_seconds() - self.self0) / wall if wall else 0.0
         return {
             "wall_s": wall,
-            "server_cpu_s": cpu_seconds(self.pid) - self.server0,
-            "server_rss_mb": rss_bytes(self.pid) / 2**20,
+            "server_cpu_s": sum(cpu_seconds(pid) for pid in self.pids) - self.server0,
+            "server_rss_mb": sum(rss_bytes(pid) for pid in self.pids) / 2**20,
             "loadgen_cpu_fraction": own,
             "loadgen_saturated": own > SATURATION,
         }
@@ -263,7 +266,7 @@ async def fanout(run: Run, slow_fraction: float = 0.0) -> dict[str, Any]:
     collector.expected = healthy * posts
     samples: list[tuple[float, float]] = []
     sampling = asyncio.create_task(sample_rss(run.pid, samples, float(run.spec.get("sample_interval", 0.1))))
-    meter = Meter(run.pid)
+    meter = Meter(run.pids)
     start_ns = time.perf_counter_ns()
     await run.closed_loop(posts, inflight)
     await run.drain(collector)
@@ -314,7 +317,7 @@ async def latency(run: Run) -> dict[str, Any]:
     collector = Collector(clients, posts)
     failures = await run.connect_clients(collector, clients, set())
     collector.expected = len(run.clients) * posts
-    meter = Meter(run.pid)
+    meter = Meter(run.pids)
     await run.open_loop(rate, duration, int(run.spec.get("pool", 32)))
     await run.drain(collector)
     measured = meter.stop()
@@ -340,7 +343,7 @@ async def idle(run: Run) -> dict[str, Any]:
     collector = Collector(clients, 1)
     await asyncio.sleep(0.3)
     before = rss_bytes(run.pid)
-    meter = Meter(run.pid)
+    meter = Meter(run.pids)
     failures = await run.connect_clients(collector, clients, set())
     await asyncio.sleep(float(run.spec.get("settle", 1.0)))
     after = rss_bytes(run.pid)
@@ -375,7 +378,7 @@ async def ingest(run: Run) -> dict[str, Any]:
         run.post_path = path
         await run.closed_loop(min(50, requests), concurrency)  # warm-up: connections, caches
         run.post_errors, run.post_latencies = 0, []
-        meter = Meter(run.pid)
+        meter = Meter(run.pids)
         await run.closed_loop(requests, concurrency)
         measured = meter.stop()
         result.update(
@@ -402,6 +405,7 @@ SCENARIOS = {
     "idle": idle,
     "ingest": ingest,
     "slow": lambda run: fanout(run, float(run.spec.get("slow_fraction", 0.05))),
+    "redis": fanout,  # the fan-out, with clients spread over two nodes sharing a Redis bus
 }
 
 

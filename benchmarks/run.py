@@ -18,8 +18,10 @@ import datetime
 import json
 import os
 import platform
+import secrets
 import select
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -59,6 +61,12 @@ METRICS: dict[str, list[tuple[str, str, bool]]] = {
         ("bare_requests_per_s", "bare route req/s", True),
         ("bare_p99_ms", "bare route p99 ms", False),
     ],
+    "redis": [
+        ("deliveries_per_s", "deliveries/s (2 nodes)", True),
+        ("server_cpu_us_per_delivery", "CPU us/delivery (both nodes)", False),
+        ("latency_ms.p50", "p50 ms", False),
+        ("latency_ms.p99", "p99 ms", False),
+    ],
     "slow": [
         ("deliveries_per_s", "healthy deliveries/s", True),
         ("latency_ms.p99", "healthy p99 ms", False),
@@ -70,10 +78,8 @@ METRICS: dict[str, list[tuple[str, str, bool]]] = {
 # Correctness counters: any non-zero value flags the run in the table.
 PROBLEMS = ("loss", "duplicates", "order_diverged", "unexpected", "post_errors", "connect_failures")
 
-REDIS_SKIP_REASON = (
-    "STUB, SKIPPED: the two-node fan-out through Redis needs splitchat's Redis bus and gateway "
-    "(splitchat.bus.redis + splitchat.Gateway); see benchmarks/servers/splitchat_server.py"
-)
+REDIS_URL = "redis://127.0.0.1:6379/0"
+"""The two-node scenario's bus (the Redis every engineer's machine and CI run on loopback)."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -142,14 +148,14 @@ def child_env() -> dict[str, str]:
 class Server:
     """A contender's server process; ``info`` is what it announced on its READY line."""
 
-    def __init__(self, contender: Contender, log_dir: Path) -> None:
+    def __init__(self, contender: Contender, log_dir: Path, env: dict[str, str] | None = None) -> None:
         self.log = open(log_dir / f"{contender.module.rsplit('.', 1)[-1]}.stderr.log", "ab")  # noqa: SIM115
         self.process = subprocess.Popen(
             [sys.executable, "-m", contender.module],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=self.log,
-            env=child_env(),
+            env={**child_env(), **(env or {})},
         )
         self.info = self._await_ready(timeout=20)
 
@@ -190,13 +196,30 @@ class Server:
 
 
 def run_once(contender: Contender, scenario: str, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
-    """One fresh server + one load-generator run; returns the generator's result or an error."""
+    """Fresh server(s) + one load-generator run; returns the generator's result or an error.
+
+    The ``redis`` scenario starts two nodes of the contender sharing the Redis bus, on a channel
+    name unique to the run (nothing left from an earlier run can be delivered), and deletes that
+    channel's keys afterwards.
+    """
+    spec = spec_for(scenario, args)
+    env: dict[str, str] = {}
+    nodes = 1
+    if scenario == "redis":
+        spec["channel"] = f"bench-{secrets.token_hex(6)}"
+        env["SPLITCHAT_BENCH_BUS"] = REDIS_URL
+        nodes = 2
+    servers: list[Server] = []
     try:
-        server = Server(contender, log_dir)
+        while len(servers) < nodes:  # keep the ones started so far, to stop them on failure
+            servers.append(Server(contender, log_dir, env))
     except RuntimeError as exc:
+        for server in servers:
+            server.stop()
         return {"error": str(exc)}
+    spec["server"] = servers[0].info
+    spec["extra_servers"] = [server.info for server in servers[1:]]
     try:
-        spec = {**spec_for(scenario, args), "server": server.info}
         completed = subprocess.run(
             [sys.executable, "-m", "benchmarks.loadgen", json.dumps(spec)],
             cwd=ROOT,
@@ -208,7 +231,10 @@ def run_once(contender: Contender, scenario: str, args: argparse.Namespace, log_
     except subprocess.TimeoutExpired:
         return {"error": f"load generator exceeded {args.timeout + 30:.0f} s"}
     finally:
-        server.stop()
+        for server in servers:
+            server.stop()
+        if scenario == "redis":
+            forget_redis_channel(spec["channel"])
     for line in reversed(completed.stdout.decode().splitlines()):
         if line.startswith("RESULT "):
             result: dict[str, Any] = json.loads(line[len("RESULT ") :])
@@ -216,6 +242,31 @@ def run_once(contender: Contender, scenario: str, args: argparse.Namespace, log_
     return {
         "error": f"load generator failed (exit {completed.returncode}): {completed.stderr.decode()[-600:]}"
     }
+
+
+def redis_reachable() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def forget_redis_channel(channel: str) -> None:
+    """Delete the keys the contenders created for this run's unique channel (best effort)."""
+    try:
+        import redis
+    except ImportError:
+        return
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = list(client.scan_iter(match=f"*{channel}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    except redis.RedisError:
+        pass
+    finally:
+        client.close()
 
 
 def metric(result: dict[str, Any], key: str) -> float | None:
@@ -265,17 +316,19 @@ def fmt(value: float) -> str:
     return f"{value:.2f}"
 
 
-def render_table(summary: dict[str, dict[str, dict[str, Any]]], skipped: dict[str, str]) -> str:
+def render_table(
+    summary: dict[str, dict[str, dict[str, Any]]], skipped: dict[str, str], runs: list[dict[str, Any]]
+) -> str:
     lines: list[str] = []
     for scenario in SCENARIOS:
         if scenario in skipped:
             lines += [f"\n## {scenario}: {skipped[scenario]}"]
             continue
-        if scenario not in summary:
+        if scenario not in summary and not any(r["scenario"] == scenario for r in runs):
             continue
         lines += [f"\n## {scenario}  (median, min-max over repetitions; xN = ratio to {REFERENCE})"]
-        reference = summary[scenario].get(REFERENCE, {}).get("stats", {})
-        for contender, entry in summary[scenario].items():
+        reference = summary.get(scenario, {}).get(REFERENCE, {}).get("stats", {})
+        for contender, entry in summary.get(scenario, {}).items():
             cells = []
             for key, label, _ in METRICS[scenario]:
                 stat = entry["stats"].get(key)
@@ -288,6 +341,9 @@ def render_table(summary: dict[str, dict[str, dict[str, Any]]], skipped: dict[st
                 cells.append(cell)
             flags = f"  [!] {', '.join(entry['flags'])}" if entry["flags"] else ""
             lines.append(f"  {contender:<22} " + " | ".join(cells) + flags)
+        for run in runs:
+            if run["scenario"] == scenario and run.get("skipped") and run.get("contender"):
+                lines.append(f"  {run['contender']:<22} skipped: {run['skipped']}")
     return "\n".join(lines)
 
 
@@ -370,14 +426,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     skipped_scenarios: dict[str, str] = {}
     runs: list[dict[str, Any]] = []
     for scenario in args.scenarios:
+        eligible = contenders
         if scenario == "redis":
-            skipped_scenarios[scenario] = REDIS_SKIP_REASON
-            print(f"scenario redis: {REDIS_SKIP_REASON}")
-            runs.append({"scenario": scenario, "skipped": REDIS_SKIP_REASON})
-            continue
+            if not redis_reachable():
+                reason = "SKIPPED: no Redis on 127.0.0.1:6379"
+                skipped_scenarios[scenario] = reason
+                runs.append({"scenario": scenario, "skipped": reason})
+                print(f"scenario redis: {reason}")
+                continue
+            eligible = []
+            for contender in contenders:
+                reason = contender.cross_node_unavailable()
+                if reason:
+                    print(f"scenario redis: skip {contender.name}: {reason}")
+                    runs.append({"scenario": scenario, "contender": contender.name, "skipped": reason})
+                else:
+                    eligible.append(contender)
         for repetition in range(args.repeat):
-            shift = repetition % max(len(contenders), 1)
-            for contender in contenders[shift:] + contenders[:shift]:
+            shift = repetition % max(len(eligible), 1)
+            for contender in eligible[shift:] + eligible[:shift]:
                 started = time.monotonic()
                 result = run_once(contender, scenario, args, log_dir)
                 runs.append(
@@ -395,7 +462,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     flush=True,
                 )
     summary = summarize(runs)
-    table = render_table(summary, skipped_scenarios)
+    table = render_table(summary, skipped_scenarios, runs)
     print(table)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     document = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import sys
 from collections.abc import Coroutine
@@ -12,6 +13,8 @@ from typing import Any
 from benchmarks._proc import raise_fd_limit
 
 HOST = "127.0.0.1"
+BUS_URL = os.environ.get("SPLITCHAT_BENCH_BUS", "")
+"""Cross-node bus for the ``redis`` scenario (``redis://...``); empty: each contender's in-process default."""
 CHANNEL_PATH = "/channels/{channel}/messages"
 """Every contender takes the same POST: ``/channels/<channel>/messages`` with the same JSON body."""
 

@@ -16,9 +16,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from ._common import CHANNEL_PATH, run, serve_asgi
+from ._common import BUS_URL, CHANNEL_PATH, run, serve_asgi
 
-sio = socketio.AsyncServer(async_mode="asgi", transports=["websocket"])
+# Two-node scenario: socket.io's own Redis pub/sub client manager carries emits between nodes.
+manager = socketio.AsyncRedisManager(BUS_URL) if BUS_URL else None
+sio = socketio.AsyncServer(async_mode="asgi", transports=["websocket"], client_manager=manager)
 
 
 @sio.event

@@ -9,6 +9,8 @@ One uvicorn process serving a Starlette app with:
   ``nonce``), the handler, publish to the in-memory bus, audit.
 * ``/gateway`` -> :class:`splitchat.Gateway`; clients HELLO -> IDENTIFY (token, subscriptions)
   -> READY and receive dispatches ``{"op":0,"t":"MESSAGE_CREATE","d":...}``.
+* The bus is ``InMemoryBus``, or ``bus_from_url($SPLITCHAT_BENCH_BUS)`` (the Redis bus) when the
+  two-node ``redis`` scenario starts two of these processes.
 * ``/bare/channels/{channel}/messages`` -> a bare Starlette JSON route (decode, respond, nothing
   else): the ingest scenario measures it next to the command endpoint on the same server, which
   prices the command pipeline itself.
@@ -35,10 +37,11 @@ from splitchat import (
     InMemoryBus,
     Principal,
     StaticTokenAuthenticator,
+    bus_from_url,
     lifespan,
 )
 
-from ._common import run, serve_asgi
+from ._common import BUS_URL, run, serve_asgi
 
 TOKEN = "splitchat-bench-token"
 UNLIMITED = "1000000/second"  # checked on every request, never reached by the benchmark
@@ -53,7 +56,7 @@ class MessageBody(msgspec.Struct):
     nonce: str | None = None
 
 
-bus = InMemoryBus()
+bus = bus_from_url(BUS_URL) if BUS_URL else InMemoryBus()  # RedisBus in the two-node scenario
 authenticator = StaticTokenAuthenticator({TOKEN: Principal(id="bench", name="bench")})
 endpoint = CommandEndpoint(
     bus=bus,

@@ -6,9 +6,10 @@ per subscriber inside broadcaster) and forwards every event; a receive task noti
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import anyio
 from broadcaster import Broadcast
@@ -18,9 +19,13 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from ._common import CHANNEL_PATH, outgoing, run, serve_asgi
+from ._common import BUS_URL, CHANNEL_PATH, outgoing, run, serve_asgi
 
-broadcast = Broadcast("memory://")
+# broadcaster 0.3 loses subscribers when several subscribe to a *new* channel concurrently over a
+# networked backend (Broadcast.subscribe awaits the backend between its check and its insert, so
+# the later ones overwrite the set): serialise subscribing. Uncontended and free with memory://.
+subscribe_lock = asyncio.Lock()
+broadcast = Broadcast(BUS_URL or "memory://")  # redis:// in the two-node scenario
 
 
 async def post_message(request: Request) -> JSONResponse:
@@ -36,7 +41,9 @@ async def post_message(request: Request) -> JSONResponse:
 async def websocket_endpoint(websocket: WebSocket) -> None:
     await websocket.accept()
     channel = websocket.query_params.get("channel", "bench")
-    async with broadcast.subscribe(channel=channel) as subscriber:
+    async with AsyncExitStack() as stack:
+        async with subscribe_lock:
+            subscriber = await stack.enter_async_context(broadcast.subscribe(channel=channel))
         await websocket.send_text('{"t":"READY"}')
         async with anyio.create_task_group() as tg:
 
@@ -54,7 +61,12 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     await broadcast.connect()
     try:
-        yield
+        # broadcaster 0.3's Redis backend wakes its pub/sub listener *before* SUBSCRIBE completes;
+        # redis-py's listen() then sees no subscription and returns, and the listener sleeps
+        # until the next *new* channel: with one channel nothing is ever delivered. Holding a
+        # subscription for the app's lifetime keeps the listener alive. No-op for memory://.
+        async with broadcast.subscribe(channel="_keepalive"):
+            yield
     finally:
         await broadcast.disconnect()
 
