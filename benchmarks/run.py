@@ -370,7 +370,8 @@ def plot(summary: dict[str, dict[str, dict[str, Any]]], path: Path) -> bool:
     left.set_yscale("log")
     left.set_ylabel("delivery latency, ms (log)")
     left.set_title("latency scenario: POST -> WebSocket receipt")
-    left.legend(fontsize=8)
+    if latency:
+        left.legend(fontsize=8)
     fanout = summary.get("fanout", {})
     names = [c for c, e in fanout.items() if "deliveries_per_s" in e["stats"]]
     stats = [fanout[c]["stats"]["deliveries_per_s"] for c in names]
