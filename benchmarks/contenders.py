@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 __all__ = ("CONTENDERS", "REFERENCE", "Contender")
 
+NODE_DIR = Path(__file__).resolve().parent / "node"
 REFERENCE = "websockets.broadcast"
 """Ratios in the table are to this contender's median."""
 
@@ -22,9 +25,24 @@ class Contender:
     needs_attributes: tuple[tuple[str, str], ...] = ()
     cross_node: tuple[str, ...] | None = None
     """Modules needed for the two-node ``redis`` scenario; ``None``: the contender has no cross-node bus."""
+    node_script: str | None = None
+    """A Node.js peer: the script (under benchmarks/node) run with ``node`` instead of ``python -m``."""
+
+    def command(self, python: str) -> list[str]:
+        """The argv that starts this contender's server."""
+        if self.node_script is not None:
+            return ["node", str(NODE_DIR / self.node_script)]
+        return [python, "-m", self.module]
 
     def unavailable(self) -> str | None:
         """Why this contender cannot run here (a missing package or API), or ``None``."""
+        if self.node_script is not None:
+            if shutil.which("node") is None:
+                return "node is not installed"
+            for package in self.requires:
+                if not (NODE_DIR / "node_modules" / package).is_dir():
+                    return f"npm package {package!r} is missing (npm install --prefix benchmarks/node)"
+            return None
         for package in self.requires:
             if importlib.util.find_spec(package) is None:
                 return f"package {package!r} is not installed (pip install -r benchmarks/requirements.txt)"
@@ -63,6 +81,7 @@ CONTENDERS: dict[str, Contender] = {
             ("socketio", "uvicorn", "starlette"),
             cross_node=("redis",),
         ),
+        Contender("node ws", "benchmarks/node/ws_server.js", ("ws",), node_script="ws_server.js"),
         Contender(
             "splitchat",
             "benchmarks.servers.splitchat_server",

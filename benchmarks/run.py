@@ -149,9 +149,9 @@ class Server:
     """A contender's server process; ``info`` is what it announced on its READY line."""
 
     def __init__(self, contender: Contender, log_dir: Path, env: dict[str, str] | None = None) -> None:
-        self.log = open(log_dir / f"{contender.module.rsplit('.', 1)[-1]}.stderr.log", "ab")  # noqa: SIM115
+        self.log = open(log_dir / f"{contender.module.rsplit('.', 1)[-1].replace('/', '_')}.stderr.log", "ab")  # noqa: SIM115
         self.process = subprocess.Popen(
-            [sys.executable, "-m", contender.module],
+            contender.command(sys.executable),
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=self.log,
