@@ -40,7 +40,7 @@ class Collector:
     whose order differs from the majority order counts as ``order_diverged``.
     """
 
-    def __init__(self, clients: int, posts: int, slow: set[int] = frozenset()) -> None:  # type: ignore[assignment]
+    def __init__(self, clients: int, posts: int, slow: frozenset[int] | set[int] = frozenset()) -> None:
         self.posts = posts
         self.seen = [bytearray(posts) for _ in range(clients)]
         self.order = [array("i") for _ in range(clients)]
