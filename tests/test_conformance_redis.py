@@ -176,7 +176,7 @@ async def test_slow_subscriber_gets_a_gap_then_continues_live(prefix: str) -> No
         positions = [await bus.publish("c", b"%d" % i) for i in range(20)]
         # let the reader drain the stream into the (full) buffer
         with anyio.fail_after(10):
-            while len(sub._buffer) < 5:  # type: ignore[attr-defined]
+            while len(sub._buffer) < 5:  # type: ignore[attr-defined]  # noqa: ASYNC110 - no event to wait on
                 await anyio.sleep(0.01)
         await anyio.sleep(0.2)
         got = [await _receive(sub) for _ in range(6)]

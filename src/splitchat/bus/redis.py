@@ -73,7 +73,8 @@ _PUBLISH = (
     + """
 offset = offset + 1
 redis.call('HSET', KEYS[2], 'offset', offset)
-redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[5], ARGV[4], string.format('%d-0', offset), 'p', ARGV[3], 'e', epoch)
+local id = string.format('%d-0', offset)
+redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[5], ARGV[4], id, 'p', ARGV[3], 'e', epoch)
 if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
 return {epoch, offset}
 """
