@@ -1,4 +1,4 @@
-"""NatsBus against the real NATS JetStream on 127.0.0.1:4222 (conformance kit) and a private server (restart)."""
+"""NatsBus against the real NATS JetStream on 127.0.0.1:4222 (conformance kit) and private servers."""
 
 from __future__ import annotations
 
@@ -105,7 +105,8 @@ async def test_two_buses_publishing_to_one_channel_keep_offsets_contiguous(names
 
         async def publisher(bus: Bus, tag: bytes) -> None:
             for i in range(20):
-                positions.append(await bus.publish("shared", tag + b"%d" % i))
+                position = await bus.publish("shared", tag + b"%d" % i)
+                positions.append(position)
 
         async with anyio.create_task_group() as tg:
             for bus, tag in ((a, b"a"), (b, b"b"), (a, b"c"), (b, b"d")):
