@@ -142,6 +142,15 @@ async def test_deleted_stream_is_recreated_with_a_new_epoch(names: tuple[str, st
             await bus.history("r", old)
 
 
+async def test_a_stream_of_other_subjects_is_refused_clearly(names: tuple[str, str]) -> None:
+    stream, prefix = names
+    async with NatsBus(SHARED, stream=stream, subject_prefix=prefix):
+        pass
+    with pytest.raises(BusUnavailable, match="does not capture"):
+        async with NatsBus(SHARED, stream=stream, subject_prefix=prefix + "other"):
+            pass
+
+
 # -- restart of a private server ------------------------------------------------------------------
 
 

@@ -200,7 +200,10 @@ class RedisBus(Bus):
         passthrough: list[tuple[str, str]] = []
         ours = {"maxlen", "exact_trim", "history_ttl", "prefix", "timeout", "buffer_size"}
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
-            (options.__setitem__(key, value) if key in ours else passthrough.append((key, value)))
+            if key in ours:
+                options[key] = value
+            else:
+                passthrough.append((key, value))
         clean = urlunsplit(parts._replace(query=urlencode(passthrough)))
         kwargs: dict[str, Any] = {}
         if "maxlen" in options:
