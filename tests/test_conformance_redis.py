@@ -215,6 +215,24 @@ async def test_deleted_stream_is_detected_by_a_subscribed_reader(prefix: str) ->
         assert isinstance(item, Delivery) and item.position == again
 
 
+async def test_events_trimmed_while_the_reader_was_away_yield_a_gap(prefix: str) -> None:
+    bus = RedisBus(SHARED, prefix=prefix, maxlen=5, exact_trim=True, reconnect_delay=(1.0, 1.0))
+    async with bus, bus.subscribe(["t"]) as sub:
+        first = await bus.publish("t", b"first")
+        assert (await _receive(sub)) == Delivery("t", first, b"first")
+        admin = aioredis.Redis.from_url(SHARED)
+        try:
+            assert await admin.client_kill_filter(_id=str(bus._reader_id)) == 1
+        finally:
+            await admin.aclose()
+        # the reader waits >= 0.5 s before reconnecting; meanwhile 20 events, only 5 kept
+        positions = [await bus.publish("t", b"%d" % i) for i in range(20)]
+        gap = await _receive(sub)
+        assert gap == Gap("t", first, "trimmed before it was read")
+        rest = [await _receive(sub) for _ in range(5)]
+        assert [d.position for d in rest if isinstance(d, Delivery)] == positions[-5:]
+
+
 def test_bus_from_url_builds_a_redis_bus_with_query_options() -> None:
     bus = bus_from_url("redis://127.0.0.1:6379/0?maxlen=7&history_ttl=30&prefix=app:&exact_trim=1")
     assert isinstance(bus, RedisBus)
