@@ -133,7 +133,7 @@ class RedisBus(Bus):
             be applied twice).
         buffer_size: items buffered per local subscription before it gets a ``Gap``.
         block_ms: how long one blocking XREAD waits before it is reissued.
-        read_count: entries read per stream per XREAD.
+        read_count: entries read per stream per XREAD (bounds one reply: read_count x streams x payload).
         resync_interval: seconds between checks that the read channels' epochs did not change
             under the reader (a stream deleted or expired and recreated while subscribed).
         reconnect_delay: (first, max) seconds of the reader's exponential reconnect backoff.
@@ -152,7 +152,7 @@ class RedisBus(Bus):
         timeout: float = 2.0,
         buffer_size: int = 1000,
         block_ms: int = 5000,
-        read_count: int = 500,
+        read_count: int = 100,
         resync_interval: float = 10.0,
         reconnect_delay: tuple[float, float] = (0.05, 2.0),
     ) -> None:
