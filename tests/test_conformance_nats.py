@@ -101,6 +101,8 @@ async def test_two_buses_publishing_to_one_channel_keep_offsets_contiguous(names
     async with (
         NatsBus(SHARED, stream=stream, subject_prefix=prefix) as a,
         NatsBus(SHARED, stream=stream, subject_prefix=prefix) as b,
+        a.subscribe(["shared"]) as sub_a,
+        b.subscribe(["shared"]) as sub_b,
     ):
         positions: list[Position] = []
 
@@ -116,6 +118,9 @@ async def test_two_buses_publishing_to_one_channel_keep_offsets_contiguous(names
         assert len({p.epoch for p in positions}) == 1
         history = await a.history("shared", Position(positions[0].epoch, 0), limit=100)
         assert [d.position.offset for d in history if d.position] == list(range(1, 81))
+        got_a = [await _receive(sub_a) for _ in range(80)]
+        got_b = [await _receive(sub_b) for _ in range(80)]
+        assert got_a == got_b == list(history), "each process sees every event once, in offset order"
 
 
 async def test_history_binary_search_finds_every_start(names: tuple[str, str]) -> None:

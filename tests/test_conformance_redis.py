@@ -248,3 +248,31 @@ def test_missing_redis_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delitem(sys.modules, "splitchat.bus.redis", raising=False)
     with pytest.raises(RuntimeError, match=r"splitchat\[redis\]"):
         bus_from_url("redis://127.0.0.1:6379/0")
+
+
+async def test_two_processes_share_channels_and_offsets(prefix: str) -> None:
+    # Two bus instances stand for two processes: each subscriber sees every event of both,
+    # in one order, with contiguous offsets from concurrent publishers.
+    async with (
+        RedisBus(SHARED, prefix=prefix) as a,
+        RedisBus(SHARED, prefix=prefix) as b,
+        a.subscribe(["x"]) as sub_a,
+        b.subscribe(["x"]) as sub_b,
+    ):
+        positions: list[Position] = []
+
+        async def publisher(bus: Bus, tag: bytes) -> None:
+            for i in range(25):
+                position = await bus.publish("x", tag + b"%d" % i)
+                positions.append(position)
+
+        async with anyio.create_task_group() as tg:
+            for bus, tag in ((a, b"a"), (b, b"b"), (a, b"c"), (b, b"d")):
+                tg.start_soon(publisher, bus, tag)
+        assert sorted(p.offset for p in positions) == list(range(1, 101))
+        got_a = [await _receive(sub_a) for _ in range(100)]
+        got_b = [await _receive(sub_b) for _ in range(100)]
+        assert got_a == got_b
+        assert [d.position.offset for d in got_a if isinstance(d, Delivery) and d.position] == list(
+            range(1, 101)
+        )
