@@ -143,6 +143,7 @@ class CommandEndpoint:
         path: str,
         *,
         body: Any = None,
+        query: Any = None,
         response: Any = None,
         channel: str | None = None,
         rate_limit: str | None = None,
@@ -157,6 +158,8 @@ class CommandEndpoint:
         """Decorator declaring a command; see :class:`Command` for the arguments.
 
         The handler is ``async (ctx, body)`` when ``body`` is given, else ``async (ctx)``.
+        ``query`` is a flat msgspec Struct converted from the query string into ``ctx.query``
+        (invalid values answer 400 ``invalid_query``).
         """
 
         def register(handler: H) -> H:
@@ -176,6 +179,7 @@ class CommandEndpoint:
                     scopes=frozenset(scopes),
                     authorize=authorize,
                     major=major,
+                    query_type=query,
                 )
             )
             return handler
@@ -486,7 +490,9 @@ class CommandEndpoint:
         if shown is not None:
             rate_headers.extend(shown.headers())
 
-        # 5. Read and decode the body.
+        # 5. Convert the query string, then read and decode the body.
+        if command._query is not None:
+            ctx.query = command._query.decode(scope.get("query_string", b""))
         body: Any = None
         raw = b""
         nonce: str | None = None
