@@ -367,6 +367,11 @@ def build_app(config: ChatConfig | None = None, *, bus: splitchat.Bus | None = N
     async def index(request: Request) -> Response:
         return FileResponse(STATIC_DIR / "index.html")
 
+    async def not_found(request: Request, exc: Exception) -> Response:
+        # A URL no route matches (e.g. a path segment with a newline, which Mount's ".*" does not
+        # match) gets the API's JSON error body too, as /api/openapi.json documents.
+        return _error(404, "not_found", "Not found")
+
     return Starlette(
         routes=[
             Route("/", index),
@@ -377,6 +382,7 @@ def build_app(config: ChatConfig | None = None, *, bus: splitchat.Bus | None = N
             Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
         ],
         lifespan=splitchat.lifespan(bus, endpoint, gateway),
+        exception_handlers={404: not_found},
     )
 
 

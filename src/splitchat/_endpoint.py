@@ -48,6 +48,7 @@ from ._http import (
 )
 from ._idempotency import IdempotencyStore, InMemoryIdempotencyStore, StoredResponse, request_fingerprint
 from ._lifespan import lifespan
+from ._openapi import openapi_document
 from ._ratelimit import RateLimitDecision, RateLimiter
 from ._snowflake import SnowflakeGenerator
 from ._types import Receive, Scope, Send
@@ -92,6 +93,10 @@ class CommandEndpoint:
         max_body_bytes: largest accepted body (enforced while reading).
         idempotency_ttl: seconds a nonce / Idempotency-Key is remembered.
         max_events_per_command: bound on ``ctx.publish`` calls per request.
+        openapi_path: where ``GET`` serves the OpenAPI 3.1 document of the declared commands,
+            relative to the mount point (``None`` disables it). Public and not rate limited: it
+            is built once and cached.
+        title, version, description: the OpenAPI document's ``info``.
     """
 
     def __init__(
@@ -110,6 +115,10 @@ class CommandEndpoint:
         max_body_bytes: int = 64 * 1024,
         idempotency_ttl: float = 300.0,
         max_events_per_command: int = 16,
+        openapi_path: str | None = "/openapi.json",
+        title: str = "splitchat API",
+        version: str = "1.0.0",
+        description: str | None = None,
     ) -> None:
         self.bus = bus
         self.authenticator = authenticator
@@ -126,7 +135,15 @@ class CommandEndpoint:
         self.max_body_bytes = max_body_bytes
         self.idempotency_ttl = idempotency_ttl
         self.max_events_per_command = max_events_per_command
+        if openapi_path is not None and not openapi_path.startswith("/"):
+            raise ValueError(f"openapi_path must start with '/': {openapi_path!r}")
+        self.openapi_path = openapi_path
+        self.title = title
+        self.version = version
+        self.description = description
         self._commands: list[Command] = []
+        # root_path (the mount point) -> encoded document; cleared when a command is added.
+        self._openapi_cache: dict[str, bytes] = {}
         # IP -> (blocked until, guard limit): IPs refused by the invalid-request guard; bounded.
         self._blocked: dict[str, tuple[float, int]] = {}
 
@@ -193,11 +210,36 @@ class CommandEndpoint:
                 raise ValueError(f"duplicate command name {command.name!r}")
             if existing.method == command.method and existing.path == command.path:
                 raise ValueError(f"duplicate route {command.method} {command.path}")
+        if command.method == "GET" and command.path == self.openapi_path:
+            raise ValueError(f"GET {command.path} is the OpenAPI document's path (see openapi_path)")
         if command.rate_limit is not None:
             self.rate_limiter.validate(command.rate_limit)
         if command.shared_rate_limit is not None:
             self.rate_limiter.validate(command.shared_rate_limit)
         self._commands.append(command)
+        self._openapi_cache.clear()
+
+    def openapi(self, server_url: str | None = None) -> dict[str, Any]:
+        """The OpenAPI 3.1 document of the declared commands (paths relative to the mount point).
+
+        ``server_url`` (usually the mount path, e.g. ``"/api"``) becomes the document's server.
+        """
+        return openapi_document(
+            self._commands,
+            title=self.title,
+            version=self.version,
+            description=self.description,
+            server_url=server_url,
+        )
+
+    def _openapi_bytes(self, root_path: str) -> bytes:
+        cached = self._openapi_cache.get(root_path)
+        if cached is None:
+            if len(self._openapi_cache) >= 16:  # root paths come from the deployment, but stay bounded
+                self._openapi_cache.clear()
+            cached = json_encoder.encode(self.openapi(server_url=root_path or "/"))
+            self._openapi_cache[root_path] = cached
+        return cached
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -242,6 +284,14 @@ class CommandEndpoint:
         await send({"type": "lifespan.shutdown.complete"})
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            self.openapi_path is not None
+            and scope.get("method") == "GET"
+            and route_path(scope) == self.openapi_path
+        ):
+            document = self._openapi_bytes(str(scope.get("root_path", "")))
+            await send_reply(send, Reply(200, document))
+            return
         started = time.perf_counter()
         client_info = scope.get("client")
         client = str(client_info[0]) if client_info else None
@@ -609,6 +659,9 @@ class CommandEndpoint:
         else:
             built = msgspec.to_builtins(result)
             if not isinstance(built, dict):
+                if not receipts:
+                    # A non-object answer (a list) cannot echo the nonce; idempotency still holds.
+                    return Reply(command.status, json_encoder.encode(built), headers)
                 raise TypeError(f"command {command.name!r} must return an object to carry an event receipt")
             document = built
         if receipts:
