@@ -5,7 +5,8 @@ Run it::
     python examples/chat/app.py --host 127.0.0.1 --port 8000
 
 Built only on splitchat's public API: writes are commands on a ``CommandEndpoint`` mounted at
-``/api``; events reach browsers through the ``Gateway`` at ``/gateway``; the page uses the
+``/api`` (its OpenAPI document at ``/api/openapi.json``); events reach browsers through the
+``Gateway`` at ``/gateway`` (its AsyncAPI document at ``/asyncapi.json``); the page uses the
 shipped browser client (``/splitchat/splitchat.js``). Configuration (all optional) comes from
 environment variables, see :class:`ChatConfig` and docs/example-chat.md.
 
@@ -367,6 +368,14 @@ def build_app(config: ChatConfig | None = None, *, bus: splitchat.Bus | None = N
     async def index(request: Request) -> Response:
         return FileResponse(STATIC_DIR / "index.html")
 
+    asyncapi = msgspec.json.encode(
+        splitchat.gateway_asyncapi(gateway, events=EVENT_TYPES, title="splitchat example chat gateway")
+    )
+
+    async def asyncapi_document(request: Request) -> Response:
+        # The gateway's AsyncAPI 3.0 document, with this app's MESSAGE_* / TYPING_START events.
+        return Response(asyncapi, media_type="application/json")
+
     async def not_found(request: Request, exc: Exception) -> Response:
         # A URL no route matches (e.g. a path segment with a newline, which Mount's ".*" does not
         # match) gets the API's JSON error body too, as /api/openapi.json documents.
@@ -376,6 +385,7 @@ def build_app(config: ChatConfig | None = None, *, bus: splitchat.Bus | None = N
         routes=[
             Route("/", index),
             Route("/api/login", login, methods=["POST"]),
+            Route("/asyncapi.json", asyncapi_document, methods=["GET"]),
             Mount("/api", app=endpoint),
             WebSocketRoute("/gateway", gateway),
             splitchat.browser_client_mount("/splitchat"),
