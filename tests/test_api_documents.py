@@ -387,7 +387,7 @@ def _struct_accepts(kind: Any, d: Any) -> bool:
     | _json_values
 )
 def test_identify_struct_agrees_with_the_machine(d: Any) -> None:
-    from splitchat import Identify
+    from splitchat import IdentifyPayload as Identify
 
     assert _outcome(2, d) == _struct_accepts(Identify, d)
 
@@ -405,6 +405,6 @@ def test_identify_struct_agrees_with_the_machine(d: Any) -> None:
     | _json_values
 )
 def test_resume_struct_agrees_with_the_machine(d: Any) -> None:
-    from splitchat import Resume
+    from splitchat import ResumePayload as Resume
 
     assert _outcome(6, d) == _struct_accepts(Resume, d)

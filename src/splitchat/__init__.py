@@ -51,16 +51,16 @@ from ._static import BROWSER_CLIENT_FILENAME, browser_client_mount, browser_clie
 from ._asyncapi import gateway_asyncapi
 from ._openapi import openapi_document
 from ._payloads import (
-    Hello,
-    Identify,
-    PresenceUpdate,
+    ChannelsPayload,
+    HelloPayload,
+    IdentifyPayload,
+    PresenceUpdatePayload,
     RateLimitedPayload,
-    Ready,
-    Resume,
-    Resumed,
-    SubscribeChannels,
-    Subscribed,
-    Unsubscribed,
+    ReadyPayload,
+    ResumedPayload,
+    ResumePayload,
+    SubscribedPayload,
+    UnsubscribedPayload,
 )
 
 # --- end API documents ---
@@ -132,16 +132,16 @@ __all__ = (
     "static_files",
     # --- end browser client ---
     # --- API documents ---
-    "Hello",
-    "Identify",
-    "PresenceUpdate",
+    "ChannelsPayload",
+    "HelloPayload",
+    "IdentifyPayload",
+    "PresenceUpdatePayload",
     "RateLimitedPayload",
-    "Ready",
-    "Resume",
-    "Resumed",
-    "SubscribeChannels",
-    "Subscribed",
-    "Unsubscribed",
+    "ReadyPayload",
+    "ResumePayload",
+    "ResumedPayload",
+    "SubscribedPayload",
+    "UnsubscribedPayload",
     "gateway_asyncapi",
     "openapi_document",
     # --- end API documents ---

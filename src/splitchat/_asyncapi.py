@@ -44,12 +44,12 @@ _CLIENT_FRAMES: tuple[tuple[str, Any, str], ...] = (
 )
 # (dispatch type t, data type, carries a bus event's id/channel, summary) made by the gateway.
 _GATEWAY_DISPATCHES: tuple[tuple[str, Any, bool, str], ...] = (
-    ("READY", p.Ready, False, "The session is open (s = 1)"),
-    ("RESUMED", p.Resumed, False, "The replay after a RESUME is complete"),
-    ("SUBSCRIBED", p.Subscribed, False, "Answer to SUBSCRIBE"),
-    ("UNSUBSCRIBED", p.Unsubscribed, False, "Answer to UNSUBSCRIBE"),
+    ("READY", p.ReadyPayload, False, "The session is open (s = 1)"),
+    ("RESUMED", p.ResumedPayload, False, "The replay after a RESUME is complete"),
+    ("SUBSCRIBED", p.SubscribedPayload, False, "Answer to SUBSCRIBE"),
+    ("UNSUBSCRIBED", p.UnsubscribedPayload, False, "Answer to UNSUBSCRIBE"),
     ("RATE_LIMITED", p.RateLimitedPayload, False, "A client frame over the frame budget was dropped"),
-    ("PRESENCE_UPDATE", p.PresenceUpdate, True, "A user came online / went offline in a channel"),
+    ("PRESENCE_UPDATE", p.PresenceUpdatePayload, True, "A user came online / went offline in a channel"),
 )
 _CLOSE_CODES = {
     CloseCode.UNKNOWN_ERROR: "unknown error",

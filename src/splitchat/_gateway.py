@@ -26,7 +26,7 @@ import msgspec
 from ._auth import AuthenticationError, Authenticator, ChannelAuthorizer, Principal, allow_all_channels
 from ._events import decode_event, encode_event
 from ._frames import Dispatch, Encoding
-from ._payloads import PresenceUpdate
+from ._payloads import PresenceUpdatePayload
 from ._presence import InMemoryPresence, Presence
 from ._protocol import (
     Action,
@@ -629,7 +629,7 @@ class Gateway:
     ) -> None:
         if not self.announce_presence:
             return
-        data = PresenceUpdate(channel=channel, user=principal.identity(), status=status)
+        data = PresenceUpdatePayload(channel=channel, user=principal.identity(), status=status)
         payload = encode_event(
             id=self._ids.next_str(), type="PRESENCE_UPDATE", channel=channel, data=data, ephemeral=True
         )

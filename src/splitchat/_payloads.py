@@ -21,33 +21,26 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 __all__ = (
-    "Hello",
-    "Identify",
-    "PresenceUpdate",
+    "HelloPayload",
+    "IdentifyPayload",
+    "PresenceUpdatePayload",
     "RateLimitedPayload",
-    "Ready",
-    "Resume",
-    "Resumed",
-    "SubscribeChannels",
-    "Subscribed",
-    "Unsubscribed",
+    "ReadyPayload",
+    "ResumePayload",
+    "ResumedPayload",
+    "ChannelsPayload",
+    "SubscribedPayload",
+    "UnsubscribedPayload",
 )
 
 Channel = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 Milliseconds = Annotated[int, msgspec.Meta(ge=0)]
 
 
-class Identity(msgspec.Struct, forbid_unknown_fields=False):
-    """A principal's public identity (``Principal.identity()``): id, name and its public fields."""
-
-    id: str
-    name: str | None = None
-
-
 # ---- server -> client payloads ------------------------------------------------------------------
 
 
-class Hello(msgspec.Struct, gc=False):
+class HelloPayload(msgspec.Struct, gc=False):
     """HELLO (op 10) ``d``: the connection's limits; every duration in milliseconds."""
 
     heartbeat_interval: Milliseconds
@@ -57,7 +50,7 @@ class Hello(msgspec.Struct, gc=False):
     resume_window: Milliseconds
 
 
-class Ready(msgspec.Struct):
+class ReadyPayload(msgspec.Struct):
     """READY ``d`` (``s`` = 1): the new session and the subscriptions granted / denied."""
 
     session_id: str
@@ -67,21 +60,21 @@ class Ready(msgspec.Struct):
     denied: list[str]
 
 
-class Resumed(msgspec.Struct, gc=False):
+class ResumedPayload(msgspec.Struct, gc=False):
     """RESUMED ``d``: how many missed dispatches were replayed, how many ephemeral ones skipped."""
 
     replayed: int
     skipped_ephemeral: int
 
 
-class Subscribed(msgspec.Struct):
+class SubscribedPayload(msgspec.Struct):
     """SUBSCRIBED ``d``: the answer to SUBSCRIBE (op 12)."""
 
     granted: list[str]
     denied: list[str]
 
 
-class Unsubscribed(msgspec.Struct):
+class UnsubscribedPayload(msgspec.Struct):
     """UNSUBSCRIBED ``d``: the channels actually left."""
 
     channels: list[str]
@@ -94,7 +87,7 @@ class RateLimitedPayload(msgspec.Struct, gc=False):
     op: int
 
 
-class PresenceUpdate(msgspec.Struct):
+class PresenceUpdatePayload(msgspec.Struct):
     """PRESENCE_UPDATE ``d``: a user's first connection joined or last one left the channel."""
 
     channel: str
@@ -105,7 +98,7 @@ class PresenceUpdate(msgspec.Struct):
 # ---- client -> server payloads ------------------------------------------------------------------
 
 
-class Identify(msgspec.Struct):
+class IdentifyPayload(msgspec.Struct):
     """IDENTIFY (op 2) ``d``: authenticate and open a new session."""
 
     token: str
@@ -113,7 +106,7 @@ class Identify(msgspec.Struct):
     properties: dict[str, Any] = {}
 
 
-class Resume(msgspec.Struct):
+class ResumePayload(msgspec.Struct):
     """RESUME (op 6) ``d``: reattach to ``session_id`` and replay every dispatch after ``seq``."""
 
     token: str
@@ -121,7 +114,7 @@ class Resume(msgspec.Struct):
     seq: Annotated[int, msgspec.Meta(ge=0)]
 
 
-class SubscribeChannels(msgspec.Struct):
+class ChannelsPayload(msgspec.Struct):
     """SUBSCRIBE (op 12) / UNSUBSCRIBE (op 13) ``d``."""
 
     channels: Annotated[list[Channel], msgspec.Meta(max_length=100)]
@@ -134,7 +127,7 @@ class HelloFrame(msgspec.Struct):
     """Op 10 HELLO: the first frame the server sends."""
 
     op: Literal[10]
-    d: Hello
+    d: HelloPayload
     s: None = None
     t: None = None
 
@@ -160,28 +153,28 @@ class IdentifyFrame(msgspec.Struct):
     """Op 2 IDENTIFY."""
 
     op: Literal[2]
-    d: Identify
+    d: IdentifyPayload
 
 
 class ResumeFrame(msgspec.Struct):
     """Op 6 RESUME."""
 
     op: Literal[6]
-    d: Resume
+    d: ResumePayload
 
 
 class SubscribeFrame(msgspec.Struct):
     """Op 12 SUBSCRIBE."""
 
     op: Literal[12]
-    d: SubscribeChannels
+    d: ChannelsPayload
 
 
 class UnsubscribeFrame(msgspec.Struct):
     """Op 13 UNSUBSCRIBE."""
 
     op: Literal[13]
-    d: SubscribeChannels
+    d: ChannelsPayload
 
 
 class ReconnectFrame(msgspec.Struct):

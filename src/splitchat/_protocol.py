@@ -31,7 +31,14 @@ from ._frames import (
     decode_client_frame,
     encode_control,
 )
-from ._payloads import Hello, RateLimitedPayload, Ready, Resumed, Subscribed, Unsubscribed
+from ._payloads import (
+    HelloPayload,
+    RateLimitedPayload,
+    ReadyPayload,
+    ResumedPayload,
+    SubscribedPayload,
+    UnsubscribedPayload,
+)
 from .bus._base import Position
 
 __all__ = (
@@ -108,9 +115,9 @@ class GatewayConfig:
     max_channel_length: int = 200
     resume_gateway_url: str | None = None
 
-    def hello(self) -> Hello:
+    def hello(self) -> HelloPayload:
         """The HELLO payload (milliseconds)."""
-        return Hello(
+        return HelloPayload(
             heartbeat_interval=round(self.heartbeat_interval * 1000),
             max_frame_bytes=self.max_frame_bytes,
             frame_budget=self.frame_budget,
@@ -437,7 +444,9 @@ class GatewayConnection:
         if self.state is ConnectionState.AUTHENTICATING:
             self._ready(accepted, denied, now)
         else:
-            self._dispatch(Dispatch.of("SUBSCRIBED", Subscribed(granted=accepted, denied=list(denied))), now)
+            self._dispatch(
+                Dispatch.of("SUBSCRIBED", SubscribedPayload(granted=accepted, denied=list(denied))), now
+            )
         return self._take()
 
     def resume_begin(self, session: SessionState, now: float) -> list[Action]:
@@ -472,7 +481,10 @@ class GatewayConnection:
                 self._dispatch(dispatch, now)
                 replayed += 1
         self._dispatch(
-            Dispatch.of("RESUMED", Resumed(replayed=replayed, skipped_ephemeral=skipped), ephemeral=True), now
+            Dispatch.of(
+                "RESUMED", ResumedPayload(replayed=replayed, skipped_ephemeral=skipped), ephemeral=True
+            ),
+            now,
         )
         held, self._catch_up = self._catch_up, []
         for dispatch in held:
@@ -545,7 +557,7 @@ class GatewayConnection:
         if new:
             self._actions.append(AuthorizeChannels(new))
         else:
-            self._dispatch(Dispatch.of("SUBSCRIBED", Subscribed(granted=[], denied=[])), now)
+            self._dispatch(Dispatch.of("SUBSCRIBED", SubscribedPayload(granted=[], denied=[])), now)
 
     def _on_unsubscribe(self, frame: ClientFrame, now: float) -> None:
         channels = self._channels_of(frame.d.get("channels") if isinstance(frame.d, dict) else None)
@@ -559,7 +571,7 @@ class GatewayConnection:
             self.session.positions.pop(channel, None)
         if gone:
             self._actions.append(Unsubscribe(gone))
-        self._dispatch(Dispatch.of("UNSUBSCRIBED", Unsubscribed(channels=list(gone))), now)
+        self._dispatch(Dispatch.of("UNSUBSCRIBED", UnsubscribedPayload(channels=list(gone))), now)
 
     def _not_authenticated(self, frame: ClientFrame, now: float) -> None:
         self._close(CloseCode.NOT_AUTHENTICATED, "identify first", resumable=False)
@@ -599,7 +611,7 @@ class GatewayConnection:
     def _ready(self, granted: list[str], denied: list[str], now: float) -> None:
         assert self.session is not None
         self.state = ConnectionState.CONNECTED
-        ready = Ready(
+        ready = ReadyPayload(
             session_id=self.session.session_id,
             resume_gateway_url=self.config.resume_gateway_url,
             user=self.session.principal.identity(),
