@@ -3,8 +3,11 @@
 :class:`CommandEndpoint` is a plain ASGI app (mount it anywhere). An application declares
 *commands* (method + path template + body type + handler); each request runs one pipeline:
 
-    guard → route → headers → authenticate → authorize → rate limit → read & decode body →
-    idempotency → handler → publish queued events → respond → audit
+    guard → route → headers → authenticate → authorize → rate limit → convert query →
+    read & decode body → idempotency → handler → publish queued events → respond → audit
+
+``GET <mount>/openapi.json`` (``openapi_path``) answers the OpenAPI document of the declared
+commands before the pipeline: public, cached, not rate limited and not audited.
 
 The body is read and decoded *after* authentication and rate limiting (the headers, content type
 and declared length are checked first): an unauthenticated or throttled client never makes the
