@@ -5,7 +5,8 @@ Run it::
     python examples/chat/app.py --host 127.0.0.1 --port 8000
 
 Built only on splitchat's public API: writes are commands on a ``CommandEndpoint`` mounted at
-``/api``; events reach browsers through the ``Gateway`` at ``/gateway``; the page uses the
+``/api`` (its OpenAPI document at ``/api/openapi.json``); events reach browsers through the
+``Gateway`` at ``/gateway`` (its AsyncAPI document at ``/asyncapi.json``); the page uses the
 shipped browser client (``/splitchat/splitchat.js``). Configuration (all optional) comes from
 environment variables, see :class:`ChatConfig` and docs/example-chat.md.
 
@@ -91,6 +92,75 @@ class EditMessage(msgspec.Struct, forbid_unknown_fields=True):
     content: Content
 
 
+# A message id in a query string: a snowflake (a non-negative 64-bit integer).
+MessageId = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+
+
+class HistoryQuery(msgspec.Struct, forbid_unknown_fields=False):
+    """``?before=&after=&limit=`` of the message history (converted from strings by the endpoint)."""
+
+    before: MessageId | None = None
+    after: MessageId | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=100)] = 50
+
+
+# ---- response shapes (documentation: they feed the OpenAPI document at /api/openapi.json) ----------
+
+
+class User(msgspec.Struct):
+    id: str
+    name: str
+
+
+class ChannelObject(msgspec.Struct):
+    id: str
+    name: str
+
+
+class MessageObject(msgspec.Struct):
+    """A message as the API returns it and as MESSAGE_CREATE / MESSAGE_UPDATE carry it."""
+
+    id: str
+    channel_id: str
+    author: User
+    content: str
+    timestamp: str
+    edited_timestamp: str | None
+    nonce: str | None
+
+
+class MessageDeleted(msgspec.Struct):
+    """MESSAGE_DELETE's data."""
+
+    id: str
+    channel_id: str
+
+
+class TypingStart(msgspec.Struct):
+    """TYPING_START's data (ephemeral: never replayed)."""
+
+    channel_id: str
+    user_id: str
+    user: User
+    timestamp: int
+
+
+class PresenceMember(msgspec.Struct):
+    """One connected member of a channel (the principal's public identity)."""
+
+    id: str
+    name: str | None
+
+
+# Event type -> data schema of the dispatches this app publishes (feeds the AsyncAPI document).
+EVENT_TYPES: dict[str, Any] = {
+    "MESSAGE_CREATE": MessageObject,
+    "MESSAGE_UPDATE": MessageObject,
+    "MESSAGE_DELETE": MessageDeleted,
+    "TYPING_START": TypingStart,
+}
+
+
 def _now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
@@ -159,12 +229,18 @@ def build_app(config: ChatConfig | None = None, *, bus: splitchat.Bus | None = N
             raise splitchat.HTTPError(403, "not_author", "Only the author may change this message")
         return message
 
-    @endpoint.command("GET", "/channels", name="list_channels")
+    @endpoint.command("GET", "/channels", response=list[ChannelObject], name="list_channels")
     async def list_channels(ctx: splitchat.CommandContext) -> list[dict[str, str]]:
         """The channels, in display order."""
         return [channel.to_json() for channel in channels]
 
-    @endpoint.command("GET", "/channels/{channel_id}/presence", channel="{channel_id}", name="list_presence")
+    @endpoint.command(
+        "GET",
+        "/channels/{channel_id}/presence",
+        channel="{channel_id}",
+        response=list[PresenceMember],
+        name="list_presence",
+    )
     async def list_presence(ctx: splitchat.CommandContext) -> list[dict[str, Any]]:
         """Who is connected to the channel's gateway subscription right now."""
         return await presence.members(channel_of(ctx))
@@ -173,6 +249,7 @@ def build_app(config: ChatConfig | None = None, *, bus: splitchat.Bus | None = N
         "POST",
         "/channels/{channel_id}/messages",
         body=CreateMessage,
+        response=MessageObject,
         channel="{channel_id}",
         rate_limit=config.message_rate,
         name="create_message",
@@ -196,9 +273,25 @@ def build_app(config: ChatConfig | None = None, *, bus: splitchat.Bus | None = N
         return message.to_json()
 
     @endpoint.command(
+        "GET",
+        "/channels/{channel_id}/messages",
+        query=HistoryQuery,
+        response=list[MessageObject],
+        channel="{channel_id}",
+        rate_limit=config.global_rate,
+        name="list_messages",
+    )
+    async def list_messages(ctx: splitchat.CommandContext) -> list[dict[str, Any]]:
+        """Message history, newest first: ``?limit=`` (1-100, default 50), ``?before=`` / ``?after=`` ids."""
+        query: HistoryQuery = ctx.query
+        page = store.page(channel_of(ctx), before=query.before, after=query.after, limit=query.limit)
+        return [message.to_json() for message in page]
+
+    @endpoint.command(
         "PATCH",
         "/channels/{channel_id}/messages/{message_id}",
         body=EditMessage,
+        response=MessageObject,
         channel="{channel_id}",
         rate_limit=config.message_rate,
         name="edit_message",
@@ -246,40 +339,6 @@ def build_app(config: ChatConfig | None = None, *, bus: splitchat.Bus | None = N
             ephemeral=True,
         )
 
-    async def principal_of(request: Request) -> splitchat.Principal | None:
-        token = splitchat.bearer_token(request.headers.get("authorization"))
-        return None if token is None else await authenticate(token)
-
-    async def list_messages(request: Request) -> Response:
-        # A plain route rather than a command: it needs the query string, which commands do not see.
-        principal = await principal_of(request)
-        if principal is None:
-            return _error(401, "unauthorized", "Authentication required")
-        channel_id = request.path_params["channel_id"]
-        if not store.has_channel(channel_id):
-            return _error(404, "unknown_channel", "Unknown channel")
-        decision = await limiter.hit(f"history:{principal.id}", config.global_rate, bucket="history")
-        if not decision.allowed:
-            return _rate_limited(decision)
-        errors: dict[str, str] = {}
-        bounds: dict[str, int | None] = {"before": None, "after": None}
-        for name in bounds:
-            raw = request.query_params.get(name)
-            if raw is None:
-                continue
-            if not raw.isdigit() or len(raw) > 20:
-                errors[f"$.{name}"] = "must be a message id"
-            else:
-                bounds[name] = int(raw)
-        raw_limit = request.query_params.get("limit", "50")
-        limit = int(raw_limit) if raw_limit.isdigit() and len(raw_limit) <= 3 else 0
-        if not 1 <= limit <= 100:
-            errors["$.limit"] = "must be an integer from 1 to 100"
-        if errors:
-            return _error(400, "invalid_query", "Invalid query parameters", errors)
-        page = store.page(channel_id, before=bounds["before"], after=bounds["after"], limit=limit)
-        return JSONResponse([message.to_json() for message in page], headers=dict(decision.headers()))
-
     async def login(request: Request) -> Response:
         # DEMO ONLY: anyone can be anyone. Bounded body read; per-IP rate limit.
         client = request.client.host if request.client else "unknown"
@@ -309,17 +368,31 @@ def build_app(config: ChatConfig | None = None, *, bus: splitchat.Bus | None = N
     async def index(request: Request) -> Response:
         return FileResponse(STATIC_DIR / "index.html")
 
+    asyncapi = msgspec.json.encode(
+        splitchat.gateway_asyncapi(gateway, events=EVENT_TYPES, title="splitchat example chat gateway")
+    )
+
+    async def asyncapi_document(request: Request) -> Response:
+        # The gateway's AsyncAPI 3.0 document, with this app's MESSAGE_* / TYPING_START events.
+        return Response(asyncapi, media_type="application/json")
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        # A URL no route matches (e.g. a path segment with a newline, which Mount's ".*" does not
+        # match) gets the API's JSON error body too, as /api/openapi.json documents.
+        return _error(404, "not_found", "Not found")
+
     return Starlette(
         routes=[
             Route("/", index),
             Route("/api/login", login, methods=["POST"]),
-            Route("/api/channels/{channel_id}/messages", list_messages, methods=["GET"]),
+            Route("/asyncapi.json", asyncapi_document, methods=["GET"]),
             Mount("/api", app=endpoint),
             WebSocketRoute("/gateway", gateway),
             splitchat.browser_client_mount("/splitchat"),
             Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
         ],
         lifespan=splitchat.lifespan(bus, endpoint, gateway),
+        exception_handlers={404: not_found},
     )
 
 

@@ -46,6 +46,25 @@ from ._snowflake import SPLITCHAT_EPOCH_MS, SnowflakeGenerator, snowflake_time
 from ._static import BROWSER_CLIENT_FILENAME, browser_client_mount, browser_client_path, static_files
 
 # --- end browser client ---
+# --- API documents (OpenAPI, AsyncAPI, gateway payloads) ---
+# isort: split
+from ._asyncapi import gateway_asyncapi
+from ._openapi import openapi_document
+from ._payloads import (
+    ChannelsPayload,
+    HelloPayload,
+    IdentifyPayload,
+    PresenceUpdatePayload,
+    RateLimitedPayload,
+    ReadyPayload,
+    ResumedPayload,
+    ResumePayload,
+    SubscribedPayload,
+    UnsubscribedPayload,
+)
+
+# --- end API documents ---
+# isort: split
 from .bus import (
     Bus,
     BusError,
@@ -112,6 +131,20 @@ __all__ = (
     "browser_client_path",
     "static_files",
     # --- end browser client ---
+    # --- API documents ---
+    "ChannelsPayload",
+    "HelloPayload",
+    "IdentifyPayload",
+    "PresenceUpdatePayload",
+    "RateLimitedPayload",
+    "ReadyPayload",
+    "ResumePayload",
+    "ResumedPayload",
+    "SubscribedPayload",
+    "UnsubscribedPayload",
+    "gateway_asyncapi",
+    "openapi_document",
+    # --- end API documents ---
     "AuthenticationError",
     "Authenticator",
     "Bus",

@@ -16,6 +16,7 @@ import msgspec
 
 from ._auth import Principal
 from ._errors import HTTPError
+from ._query import QueryDecoder
 from ._snowflake import SnowflakeGenerator
 from .bus import Position
 
@@ -51,6 +52,7 @@ class Command:
         path: path template relative to the endpoint's mount point, e.g. ``/channels/{channel_id}``.
         params: names of the path parameters, in order.
         body_type: the msgspec-decodable type of the JSON body, or ``None`` for no body.
+        query_type: a flat msgspec Struct filled from the query string (``ctx.query``), or ``None``.
         response_type: the type the handler returns (documentation only), or ``None``.
         channel: channel template (``"{channel_id}"``), or ``None`` for a command without one.
         rate_limit: per-user limit of this route (``"5/5 seconds"``), or ``None``.
@@ -65,6 +67,7 @@ class Command:
         "_channel_fields",
         "_decoder",
         "_major",
+        "_query",
         "_regex",
         "authorize",
         "body_type",
@@ -75,6 +78,7 @@ class Command:
         "params",
         "path",
         "public",
+        "query_type",
         "rate_limit",
         "response_type",
         "scopes",
@@ -100,6 +104,7 @@ class Command:
         scopes: frozenset[str],
         authorize: CommandAuthorizer | None,
         major: str | None,
+        query_type: Any = None,
     ) -> None:
         method = method.upper()
         if method not in _METHODS:
@@ -114,6 +119,7 @@ class Command:
         self.name = name
         self.body_type = body_type
         self.response_type = response_type
+        self.query_type = query_type
         self.channel = channel
         self.rate_limit = rate_limit
         self.shared_rate_limit = shared_rate_limit
@@ -144,6 +150,7 @@ class Command:
         self._decoder: msgspec.json.Decoder[Any] | None = (
             msgspec.json.Decoder(body_type) if body_type is not None else None
         )
+        self._query: QueryDecoder | None = QueryDecoder(query_type) if query_type is not None else None
 
     def __repr__(self) -> str:
         return f"Command({self.name!r}, {self.method} {self.path})"
@@ -171,6 +178,7 @@ class CommandContext:
         "nonce",
         "params",
         "principal",
+        "query",
         "request_id",
         "snowflakes",
     )
@@ -192,6 +200,8 @@ class CommandContext:
         self.params = params
         self.channel = channel
         self.nonce: str | None = None
+        # The command's query Struct (``None`` when it declares no ``query=``); set before the handler runs.
+        self.query: Any = None
         self.request_id = request_id
         self.snowflakes = snowflakes
         self.client = client

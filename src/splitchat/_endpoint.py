@@ -3,8 +3,11 @@
 :class:`CommandEndpoint` is a plain ASGI app (mount it anywhere). An application declares
 *commands* (method + path template + body type + handler); each request runs one pipeline:
 
-    guard → route → headers → authenticate → authorize → rate limit → read & decode body →
-    idempotency → handler → publish queued events → respond → audit
+    guard → route → headers → authenticate → authorize → rate limit → convert query →
+    read & decode body → idempotency → handler → publish queued events → respond → audit
+
+``GET <mount>/openapi.json`` (``openapi_path``) answers the OpenAPI document of the declared
+commands before the pipeline: public, cached, not rate limited and not audited.
 
 The body is read and decoded *after* authentication and rate limiting (the headers, content type
 and declared length are checked first): an unauthenticated or throttled client never makes the
@@ -48,6 +51,7 @@ from ._http import (
 )
 from ._idempotency import IdempotencyStore, InMemoryIdempotencyStore, StoredResponse, request_fingerprint
 from ._lifespan import lifespan
+from ._openapi import openapi_document
 from ._ratelimit import RateLimitDecision, RateLimiter
 from ._snowflake import SnowflakeGenerator
 from ._types import Receive, Scope, Send
@@ -92,6 +96,10 @@ class CommandEndpoint:
         max_body_bytes: largest accepted body (enforced while reading).
         idempotency_ttl: seconds a nonce / Idempotency-Key is remembered.
         max_events_per_command: bound on ``ctx.publish`` calls per request.
+        openapi_path: where ``GET`` serves the OpenAPI 3.1 document of the declared commands,
+            relative to the mount point (``None`` disables it). Public and not rate limited: it
+            is built once and cached.
+        title, version, description: the OpenAPI document's ``info``.
     """
 
     def __init__(
@@ -110,6 +118,10 @@ class CommandEndpoint:
         max_body_bytes: int = 64 * 1024,
         idempotency_ttl: float = 300.0,
         max_events_per_command: int = 16,
+        openapi_path: str | None = "/openapi.json",
+        title: str = "splitchat API",
+        version: str = "1.0.0",
+        description: str | None = None,
     ) -> None:
         self.bus = bus
         self.authenticator = authenticator
@@ -126,7 +138,15 @@ class CommandEndpoint:
         self.max_body_bytes = max_body_bytes
         self.idempotency_ttl = idempotency_ttl
         self.max_events_per_command = max_events_per_command
+        if openapi_path is not None and not openapi_path.startswith("/"):
+            raise ValueError(f"openapi_path must start with '/': {openapi_path!r}")
+        self.openapi_path = openapi_path
+        self.title = title
+        self.version = version
+        self.description = description
         self._commands: list[Command] = []
+        # root_path (the mount point) -> encoded document; cleared when a command is added.
+        self._openapi_cache: dict[str, bytes] = {}
         # IP -> (blocked until, guard limit): IPs refused by the invalid-request guard; bounded.
         self._blocked: dict[str, tuple[float, int]] = {}
 
@@ -143,6 +163,7 @@ class CommandEndpoint:
         path: str,
         *,
         body: Any = None,
+        query: Any = None,
         response: Any = None,
         channel: str | None = None,
         rate_limit: str | None = None,
@@ -157,6 +178,8 @@ class CommandEndpoint:
         """Decorator declaring a command; see :class:`Command` for the arguments.
 
         The handler is ``async (ctx, body)`` when ``body`` is given, else ``async (ctx)``.
+        ``query`` is a flat msgspec Struct converted from the query string into ``ctx.query``
+        (invalid values answer 400 ``invalid_query``).
         """
 
         def register(handler: H) -> H:
@@ -176,6 +199,7 @@ class CommandEndpoint:
                     scopes=frozenset(scopes),
                     authorize=authorize,
                     major=major,
+                    query_type=query,
                 )
             )
             return handler
@@ -189,11 +213,36 @@ class CommandEndpoint:
                 raise ValueError(f"duplicate command name {command.name!r}")
             if existing.method == command.method and existing.path == command.path:
                 raise ValueError(f"duplicate route {command.method} {command.path}")
+        if command.method == "GET" and command.path == self.openapi_path:
+            raise ValueError(f"GET {command.path} is the OpenAPI document's path (see openapi_path)")
         if command.rate_limit is not None:
             self.rate_limiter.validate(command.rate_limit)
         if command.shared_rate_limit is not None:
             self.rate_limiter.validate(command.shared_rate_limit)
         self._commands.append(command)
+        self._openapi_cache.clear()
+
+    def openapi(self, server_url: str | None = None) -> dict[str, Any]:
+        """The OpenAPI 3.1 document of the declared commands (paths relative to the mount point).
+
+        ``server_url`` (usually the mount path, e.g. ``"/api"``) becomes the document's server.
+        """
+        return openapi_document(
+            self._commands,
+            title=self.title,
+            version=self.version,
+            description=self.description,
+            server_url=server_url,
+        )
+
+    def _openapi_bytes(self, root_path: str) -> bytes:
+        cached = self._openapi_cache.get(root_path)
+        if cached is None:
+            if len(self._openapi_cache) >= 16:  # root paths come from the deployment, but stay bounded
+                self._openapi_cache.clear()
+            cached = json_encoder.encode(self.openapi(server_url=root_path or "/"))
+            self._openapi_cache[root_path] = cached
+        return cached
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -238,6 +287,14 @@ class CommandEndpoint:
         await send({"type": "lifespan.shutdown.complete"})
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            self.openapi_path is not None
+            and scope.get("method") == "GET"
+            and route_path(scope) == self.openapi_path
+        ):
+            document = self._openapi_bytes(str(scope.get("root_path", "")))
+            await send_reply(send, Reply(200, document))
+            return
         started = time.perf_counter()
         client_info = scope.get("client")
         client = str(client_info[0]) if client_info else None
@@ -486,7 +543,9 @@ class CommandEndpoint:
         if shown is not None:
             rate_headers.extend(shown.headers())
 
-        # 5. Read and decode the body.
+        # 5. Convert the query string, then read and decode the body.
+        if command._query is not None:
+            ctx.query = command._query.decode(scope.get("query_string", b""))
         body: Any = None
         raw = b""
         nonce: str | None = None
@@ -603,6 +662,9 @@ class CommandEndpoint:
         else:
             built = msgspec.to_builtins(result)
             if not isinstance(built, dict):
+                if not receipts:
+                    # A non-object answer (a list) cannot echo the nonce; idempotency still holds.
+                    return Reply(command.status, json_encoder.encode(built), headers)
                 raise TypeError(f"command {command.name!r} must return an object to carry an event receipt")
             document = built
         if receipts:

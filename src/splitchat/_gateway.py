@@ -16,7 +16,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 from urllib.parse import parse_qs
 
 import anyio
@@ -26,6 +26,7 @@ import msgspec
 from ._auth import AuthenticationError, Authenticator, ChannelAuthorizer, Principal, allow_all_channels
 from ._events import decode_event, encode_event
 from ._frames import Dispatch, Encoding
+from ._payloads import PresenceUpdatePayload
 from ._presence import InMemoryPresence, Presence
 from ._protocol import (
     Action,
@@ -623,10 +624,12 @@ class Gateway:
             if await self.presence.leave(channel, session.principal, local.connection_id):
                 await self._announce(channel, session.principal, "offline")
 
-    async def _announce(self, channel: str, principal: Principal, status: str) -> None:
+    async def _announce(
+        self, channel: str, principal: Principal, status: Literal["online", "offline"]
+    ) -> None:
         if not self.announce_presence:
             return
-        data = {"channel": channel, "user": principal.identity(), "status": status}
+        data = PresenceUpdatePayload(channel=channel, user=principal.identity(), status=status)
         payload = encode_event(
             id=self._ids.next_str(), type="PRESENCE_UPDATE", channel=channel, data=data, ephemeral=True
         )

@@ -31,6 +31,14 @@ from ._frames import (
     decode_client_frame,
     encode_control,
 )
+from ._payloads import (
+    HelloPayload,
+    RateLimitedPayload,
+    ReadyPayload,
+    ResumedPayload,
+    SubscribedPayload,
+    UnsubscribedPayload,
+)
 from .bus._base import Position
 
 __all__ = (
@@ -107,15 +115,15 @@ class GatewayConfig:
     max_channel_length: int = 200
     resume_gateway_url: str | None = None
 
-    def hello(self) -> dict[str, int]:
+    def hello(self) -> HelloPayload:
         """The HELLO payload (milliseconds)."""
-        return {
-            "heartbeat_interval": round(self.heartbeat_interval * 1000),
-            "max_frame_bytes": self.max_frame_bytes,
-            "frame_budget": self.frame_budget,
-            "frame_budget_window": round(self.frame_budget_window * 1000),
-            "resume_window": round(self.resume_window * 1000),
-        }
+        return HelloPayload(
+            heartbeat_interval=round(self.heartbeat_interval * 1000),
+            max_frame_bytes=self.max_frame_bytes,
+            frame_budget=self.frame_budget,
+            frame_budget_window=round(self.frame_budget_window * 1000),
+            resume_window=round(self.resume_window * 1000),
+        )
 
 
 # ---- actions the I/O layer performs (and answers back into the machine) -------------------------
@@ -436,7 +444,9 @@ class GatewayConnection:
         if self.state is ConnectionState.AUTHENTICATING:
             self._ready(accepted, denied, now)
         else:
-            self._dispatch(Dispatch.of("SUBSCRIBED", {"granted": accepted, "denied": denied}), now)
+            self._dispatch(
+                Dispatch.of("SUBSCRIBED", SubscribedPayload(granted=accepted, denied=list(denied))), now
+            )
         return self._take()
 
     def resume_begin(self, session: SessionState, now: float) -> list[Action]:
@@ -471,7 +481,10 @@ class GatewayConnection:
                 self._dispatch(dispatch, now)
                 replayed += 1
         self._dispatch(
-            Dispatch.of("RESUMED", {"replayed": replayed, "skipped_ephemeral": skipped}, ephemeral=True), now
+            Dispatch.of(
+                "RESUMED", ResumedPayload(replayed=replayed, skipped_ephemeral=skipped), ephemeral=True
+            ),
+            now,
         )
         held, self._catch_up = self._catch_up, []
         for dispatch in held:
@@ -544,7 +557,7 @@ class GatewayConnection:
         if new:
             self._actions.append(AuthorizeChannels(new))
         else:
-            self._dispatch(Dispatch.of("SUBSCRIBED", {"granted": [], "denied": []}), now)
+            self._dispatch(Dispatch.of("SUBSCRIBED", SubscribedPayload(granted=[], denied=[])), now)
 
     def _on_unsubscribe(self, frame: ClientFrame, now: float) -> None:
         channels = self._channels_of(frame.d.get("channels") if isinstance(frame.d, dict) else None)
@@ -558,7 +571,7 @@ class GatewayConnection:
             self.session.positions.pop(channel, None)
         if gone:
             self._actions.append(Unsubscribe(gone))
-        self._dispatch(Dispatch.of("UNSUBSCRIBED", {"channels": list(gone)}), now)
+        self._dispatch(Dispatch.of("UNSUBSCRIBED", UnsubscribedPayload(channels=list(gone))), now)
 
     def _not_authenticated(self, frame: ClientFrame, now: float) -> None:
         self._close(CloseCode.NOT_AUTHENTICATED, "identify first", resumable=False)
@@ -588,20 +601,23 @@ class GatewayConnection:
         elif self.session is not None and self.state is ConnectionState.CONNECTED:
             retry_after = round(max(self._budget_start + cfg.frame_budget_window - now, 0.0), 3)
             self._dispatch(
-                Dispatch.of("RATE_LIMITED", {"retry_after": retry_after, "op": op}, ephemeral=True), now
+                Dispatch.of(
+                    "RATE_LIMITED", RateLimitedPayload(retry_after=retry_after, op=op), ephemeral=True
+                ),
+                now,
             )
         return False
 
     def _ready(self, granted: list[str], denied: list[str], now: float) -> None:
         assert self.session is not None
         self.state = ConnectionState.CONNECTED
-        ready = {
-            "session_id": self.session.session_id,
-            "resume_gateway_url": self.config.resume_gateway_url,
-            "user": self.session.principal.identity(),
-            "subscriptions": granted,
-            "denied": denied,
-        }
+        ready = ReadyPayload(
+            session_id=self.session.session_id,
+            resume_gateway_url=self.config.resume_gateway_url,
+            user=self.session.principal.identity(),
+            subscriptions=granted,
+            denied=denied,
+        )
         self._dispatch(Dispatch.of("READY", ready), now)
 
     def _invalid_session(self) -> None:
