@@ -58,6 +58,7 @@ class BusConformance:
     quiet_period: ClassVar[float] = 0.3
     #: Upper bound of events the bus keeps per channel. Set it to enable the trimming check
     #: (the kit publishes more than this and expects ``HistoryGone`` for the oldest position).
+    #: The other history checks need the bus to keep at least 10 events per channel.
     history_capacity: ClassVar[int | None] = None
     #: Whether the bus refills every event after :meth:`break_connection` (no ``Gap`` allowed).
     reconnect_loses_nothing: ClassVar[bool] = True
