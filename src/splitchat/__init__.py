@@ -42,6 +42,10 @@ from ._sessions import BufferedDispatch, InMemorySessionStore, SessionRecord, Se
 # --- end gateway ---
 from ._snowflake import SPLITCHAT_EPOCH_MS, SnowflakeGenerator, snowflake_time
 
+# --- scale-out ---
+from ._state import redis_state
+
+# --- end scale-out ---
 # --- browser client (webapp) ---
 from ._static import BROWSER_CLIENT_FILENAME, browser_client_mount, browser_client_path, static_files
 
@@ -106,6 +110,9 @@ __all__ = (
     "decode_client_frame",
     # end gateway
     "SPLITCHAT_EPOCH_MS",
+    # --- scale-out ---
+    "redis_state",
+    # --- end scale-out ---
     # --- browser client (webapp) ---
     "BROWSER_CLIENT_FILENAME",
     "browser_client_mount",

@@ -816,7 +816,9 @@ class Gateway:
                 if not ok and local.core.session is not None:
                     # Another node took the session over (this connection is a zombie).
                     session = local.core.session
-                    self._after(local, local.core.force_close(4000, "session resumed elsewhere", resumable=False))
+                    self._after(
+                        local, local.core.force_close(4000, "session resumed elsewhere", resumable=False)
+                    )
                     await self._drop_session(local, session.session_id, session.channels)
 
     async def _expiry_loop(self) -> None:

@@ -510,7 +510,9 @@ class GatewayConnection:
             self._dispatch(Dispatch.of("SUBSCRIBED", {"granted": accepted, "denied": denied}), now)
         return self._take()
 
-    def resume_begin(self, session: SessionState, now: float, *, from_checkpoint: bool = False) -> list[Action]:
+    def resume_begin(
+        self, session: SessionState, now: float, *, from_checkpoint: bool = False
+    ) -> list[Action]:
         """Answer to :class:`ResumeLookup`: the session was found and the token matches it.
 
         From now on live deliveries are held until :meth:`resume_complete` (the seam).

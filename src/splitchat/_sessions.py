@@ -187,9 +187,7 @@ class InMemorySessionStore(SessionStore):
 
     def _owned_by_other(self, record: SessionRecord) -> bool:
         held = self._owners.get(record.session_id)
-        return (
-            held is not None and bool(record.owner) and held[0] != record.owner and held[1] > self._clock()
-        )
+        return held is not None and bool(record.owner) and held[0] != record.owner and held[1] > self._clock()
 
     async def claim(self, session_id: str, owner: str, expires_at: float) -> str | None:
         held = self._owners.pop(session_id, None)

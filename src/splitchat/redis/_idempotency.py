@@ -1,0 +1,80 @@
+"""Idempotency keys in Redis: a retry that lands on another node gets the first answer.
+
+Each key holds one byte of state (``i`` in flight, ``c`` completed) followed by a msgpack
+entry with the fingerprint (and the response, once completed).
+
+* ``claim``: ``SET key entry NX PX ttl GET`` (one atomic command, Redis >= 7.0): ``nil`` means
+  we own it, anything else is what is already there. The in-flight entry carries a random claim
+  token, so a claim whose reply was lost and was retried recognises its own marker.
+* ``complete``: ``SET key entry PX ttl``.
+* ``release``: a Lua script deleting the key only while it is still in flight.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import msgspec
+
+from .._idempotency import ClaimResult, IdempotencyStore, StoredResponse
+from ._client import aioredis
+
+__all__ = ("RedisIdempotencyStore",)
+
+_RELEASE = """
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, 1) == 'i' then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class _Entry(msgspec.Struct, array_like=True, frozen=True):
+    fingerprint: str
+    token: str = ""
+    response: StoredResponse | None = None
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(_Entry)
+
+
+class RedisIdempotencyStore(IdempotencyStore):
+    """:class:`~splitchat.IdempotencyStore` on Redis, shared by every endpoint node.
+
+    Args:
+        client: a ``redis.asyncio.Redis`` (not closed by the store: its owner closes it).
+        prefix: key prefix; entries are ``<prefix>idem:<key>``.
+    """
+
+    def __init__(self, client: aioredis.Redis, *, prefix: str = "splitchat:") -> None:
+        self.client = client
+        self.prefix = prefix
+        self._release = client.register_script(_RELEASE)
+
+    def key(self, key: str) -> str:
+        """The Redis key of an idempotency key."""
+        return f"{self.prefix}idem:{key}"
+
+    async def claim(self, key: str, fingerprint: str, ttl: float) -> ClaimResult:
+        token = secrets.token_hex(8)
+        entry = b"i" + _encoder.encode(_Entry(fingerprint, token))
+        held = await self.client.set(self.key(key), entry, nx=True, px=max(1, int(ttl * 1000)), get=True)
+        if not isinstance(held, bytes):  # nil: the key was free and is ours now
+            return ClaimResult("claimed", fingerprint)
+        try:
+            found = _decoder.decode(held[1:])
+        except msgspec.DecodeError:
+            # Not ours to interpret (another version, manual write): treat it as busy.
+            return ClaimResult("in_progress", "")
+        if held[:1] == b"c" and found.response is not None:
+            return ClaimResult("completed", found.fingerprint, found.response)
+        if found.token == token:
+            return ClaimResult("claimed", fingerprint)
+        return ClaimResult("in_progress", found.fingerprint)
+
+    async def complete(self, key: str, fingerprint: str, response: StoredResponse, ttl: float) -> None:
+        entry = b"c" + _encoder.encode(_Entry(fingerprint, "", response))
+        await self.client.set(self.key(key), entry, px=max(1, int(ttl * 1000)))
+
+    async def release(self, key: str) -> None:
+        await self._release(keys=[self.key(key)])
