@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from splitchat import (
     Dispatch,
@@ -69,10 +68,7 @@ def test_positions_at_every_replayable_seq_match_a_brute_force_replay(steps: lis
         if seq < state.buffer_floor or seq > state.seq:
             assert got is None
             continue
-        expected = dict(seams)
-        for s, channel, position in history:
-            if s <= seq:
-                expected[channel] = position
+        expected = dict(seams) | {channel: position for s, channel, position in history if s <= seq}
         assert got == expected, (seq, state.buffer_floor)
 
 
@@ -82,7 +78,7 @@ def test_ack_moves_the_checkpoint_only_forward_and_only_when_answerable() -> Non
     assert session is not None
     for n in range(1, 5):
         conn.deliver(event(n), 1.0)  # seqs 2..5
-    assert [a for a in conn.receive_data(frame(1, 3), 1.0)] == [Checkpoint()]
+    assert conn.receive_data(frame(1, 3), 1.0) == [Checkpoint()]
     assert session.acked_seq == 3 and session.acked_positions == {"room": Position("e1", 2)}
     assert conn.receive_data(frame(1, 2), 1.0) == []  # stale ack: nothing moves
     assert conn.receive_data(frame(1, 99), 1.0) == []  # beyond the last seq: ignored
@@ -157,4 +153,3 @@ async def test_in_memory_store_refuses_writes_from_a_node_that_lost_the_session(
     assert await store.save_many([SessionRecord.checkpoint_of(state, 9e9, "A")]) == [False]
     taken = await store.take("sid")
     assert taken is not None and taken.owner == "A"
-

@@ -348,7 +348,8 @@ def test_subscribe_unsubscribe_and_gap_invalidation() -> None:
     assert conn.receive_data(frame(12, {"channels": ["a", "b"]}), 1.0) == [AuthorizeChannels(("b",))]
     assert conn.authorized(["b"], [], 1.0) == [Subscribe(("b",)), Checkpoint()]
     assert drain(conn)[0]["d"] == {"granted": ["b"], "denied": []}
-    assert conn.receive_data(frame(13, {"channels": ["a", "zzz"]}), 1.0) == [Unsubscribe(("a",)), Checkpoint()]
+    unsubscribe = frame(13, {"channels": ["a", "zzz"]})
+    assert conn.receive_data(unsubscribe, 1.0) == [Unsubscribe(("a",)), Checkpoint()]
     assert drain(conn)[0]["d"] == {"channels": ["a"]}
     (close,) = conn.invalidate(2.0)
     assert isinstance(close, Close) and close.code == 4007 and not close.resumable
@@ -484,7 +485,13 @@ class GatewayMachine(RuleBasedStateMachine):
         for action in actions:
             assert isinstance(
                 action,
-                Close | Authenticate | AuthorizeChannels | Subscribe | Unsubscribe | ResumeLookup | Checkpoint,
+                Close
+                | Authenticate
+                | AuthorizeChannels
+                | Subscribe
+                | Unsubscribe
+                | ResumeLookup
+                | Checkpoint,  # noqa: E501
             )
             if isinstance(action, Close):
                 assert action.code in DOCUMENTED_CLOSES
