@@ -491,7 +491,7 @@ class GatewayMachine(RuleBasedStateMachine):
                 | Subscribe
                 | Unsubscribe
                 | ResumeLookup
-                | Checkpoint,  # noqa: E501
+                | Checkpoint,
             )
             if isinstance(action, Close):
                 assert action.code in DOCUMENTED_CLOSES
