@@ -146,6 +146,18 @@ async def test_idempotency_release_lets_a_retry_run_and_claims_expire(
     assert (await node_a.claim("k", "fp", 10)).state == "claimed"
 
 
+async def test_idempotency_store_down_is_reported_as_unavailable() -> None:
+    from ._servers import free_port
+
+    client = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.2)
+    try:
+        store = RedisIdempotencyStore(client, prefix="x:", retry_for=0.3)
+        with pytest.raises(splitchat.IdempotencyStoreUnavailable):
+            await store.claim("k", "fp", 10)
+    finally:
+        await client.aclose()
+
+
 async def test_concurrent_claims_from_two_nodes_have_exactly_one_owner(
     prefix: str, clients: tuple[aioredis.Redis, aioredis.Redis]
 ) -> None:

@@ -29,6 +29,7 @@ from ._gateway import Gateway
 from ._idempotency import (
     ClaimResult,
     IdempotencyStore,
+    IdempotencyStoreUnavailable,
     InMemoryIdempotencyStore,
     StoredResponse,
     request_fingerprint,
@@ -78,6 +79,7 @@ __all__ = (
     "EventReceipt",
     "HTTPError",
     "IdempotencyStore",
+    "IdempotencyStoreUnavailable",
     "InMemoryIdempotencyStore",
     "Lifecycle",
     "LoggingAuditSink",

@@ -230,6 +230,26 @@ class Gateway:
             return
         self._drained = True
         self._accepting = False
+        # Freeze the connected sessions BEFORE telling clients to go: stop routing events to
+        # them (no await between that and the snapshot, so the snapshot holds exactly what was
+        # queued) and save the full records. A client reconnecting at once to another node then
+        # always finds its record there, and never has a seq the record lacks.
+        frozen: list[SessionRecord] = []
+        expires_at = self._record_expiry()
+        for local in list(self._connections):
+            session = local.core.session
+            if session is None or local.core.state is not ConnectionState.CONNECTED:
+                continue
+            for channel in session.channels:
+                routes = self._routes.get(channel)
+                if routes is not None:
+                    routes.discard(local)
+            frozen.append(SessionRecord.from_state(session, expires_at, self.node_id))
+        with anyio.move_on_after(self.drain_timeout):
+            try:
+                await self.session_store.save_many(frozen)
+            except Exception:
+                logger.exception("saving %d sessions before drain failed", len(frozen))
         now = self._clock()
         for local in list(self._connections):
             self._after(local, local.core.reconnect(now))
@@ -697,7 +717,7 @@ class Gateway:
         self._dirty.discard(local)
         with anyio.CancelScope(shield=True):
             await self._presence_leave(local, session.channels)
-            if core.resumable and self._accepting:
+            if core.resumable:
                 local.expires_at = self._clock() + self.config.resume_window
                 # The full record, so that a RESUME landing on another node (no sticky
                 # sessions) replays exactly, without duplicates.
