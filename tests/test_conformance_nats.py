@@ -13,8 +13,9 @@ import anyio
 import nats
 import pytest
 from hypothesis import given, strategies as st
+from nats.aio.msg import Msg
 
-from splitchat import Bus, BusUnavailable, Delivery, Gap, HistoryGone, Position, bus_from_url
+from splitchat import Bus, BusUnavailable, Delivery, Gap, HistoryGone, Position, Subscription, bus_from_url
 from splitchat.bus.nats import NatsBus, channel_token, token_channel
 from splitchat.testing import BusConformance
 
@@ -100,6 +101,8 @@ async def test_two_buses_publishing_to_one_channel_keep_offsets_contiguous(names
     async with (
         NatsBus(SHARED, stream=stream, subject_prefix=prefix) as a,
         NatsBus(SHARED, stream=stream, subject_prefix=prefix) as b,
+        a.subscribe(["shared"]) as sub_a,
+        b.subscribe(["shared"]) as sub_b,
     ):
         positions: list[Position] = []
 
@@ -115,6 +118,9 @@ async def test_two_buses_publishing_to_one_channel_keep_offsets_contiguous(names
         assert len({p.epoch for p in positions}) == 1
         history = await a.history("shared", Position(positions[0].epoch, 0), limit=100)
         assert [d.position.offset for d in history if d.position] == list(range(1, 81))
+        got_a = [await _receive(sub_a) for _ in range(80)]
+        got_b = [await _receive(sub_b) for _ in range(80)]
+        assert got_a == got_b == list(history), "each process sees every event once, in offset order"
 
 
 async def test_history_binary_search_finds_every_start(names: tuple[str, str]) -> None:
@@ -140,6 +146,45 @@ async def test_deleted_stream_is_recreated_with_a_new_epoch(names: tuple[str, st
         assert new.epoch != old.epoch and new.offset == 1
         with pytest.raises(HistoryGone):
             await bus.history("r", old)
+
+
+async def test_reader_turns_holes_and_epoch_changes_into_gaps_and_drops_redeliveries(
+    names: tuple[str, str],
+) -> None:
+    # Feeds the process-wide reader directly, as the ordered consumer would after a reset
+    # (nothing is published to "h", so the real consumer adds nothing).
+    stream, prefix = names
+    async with NatsBus(SHARED, stream=stream, subject_prefix=prefix) as bus, bus.subscribe(["h"]) as sub:
+        await _check_reader_gaps(bus, sub)
+
+
+async def _check_reader_gaps(bus: NatsBus, sub: Subscription) -> None:
+    async def feed(offset: int, epoch: str = "E") -> None:
+        headers = {"Splitchat-Offset": str(offset), "Splitchat-Epoch": epoch}
+        msg = Msg(None, subject=bus.subject("h"), data=b"%d" % offset, headers=headers)  # type: ignore[arg-type]
+        await bus._on_message(msg)
+
+    for offset in (1, 2, 2, 5):
+        await feed(offset)
+    await feed(1, "F")
+    got = [await _receive(sub, 1) for _ in range(5)]
+    assert got == [
+        Delivery("h", Position("E", 1), b"1"),
+        Delivery("h", Position("E", 2), b"2"),
+        Gap("h", Position("E", 2), "events missing (trimmed or stream reset)"),
+        Delivery("h", Position("E", 5), b"5"),
+        Gap("h", Position("E", 5), "events missing (trimmed or stream reset)"),
+    ]
+    assert await _receive(sub, 1) == Delivery("h", Position("F", 1), b"1")
+
+
+async def test_a_stream_of_other_subjects_is_refused_clearly(names: tuple[str, str]) -> None:
+    stream, prefix = names
+    async with NatsBus(SHARED, stream=stream, subject_prefix=prefix):
+        pass
+    with pytest.raises(BusUnavailable, match="does not capture"):
+        async with NatsBus(SHARED, stream=stream, subject_prefix=prefix + "other"):
+            pass
 
 
 # -- restart of a private server ------------------------------------------------------------------

@@ -215,6 +215,24 @@ async def test_deleted_stream_is_detected_by_a_subscribed_reader(prefix: str) ->
         assert isinstance(item, Delivery) and item.position == again
 
 
+async def test_events_trimmed_while_the_reader_was_away_yield_a_gap(prefix: str) -> None:
+    bus = RedisBus(SHARED, prefix=prefix, maxlen=5, exact_trim=True, reconnect_delay=(1.0, 1.0))
+    async with bus, bus.subscribe(["t"]) as sub:
+        first = await bus.publish("t", b"first")
+        assert (await _receive(sub)) == Delivery("t", first, b"first")
+        admin = aioredis.Redis.from_url(SHARED)
+        try:
+            assert await admin.client_kill_filter(_id=str(bus._reader_id)) == 1
+        finally:
+            await admin.aclose()
+        # the reader waits >= 0.5 s before reconnecting; meanwhile 20 events, only 5 kept
+        positions = [await bus.publish("t", b"%d" % i) for i in range(20)]
+        gap = await _receive(sub)
+        assert gap == Gap("t", first, "trimmed before it was read")
+        rest = [await _receive(sub) for _ in range(5)]
+        assert [d.position for d in rest if isinstance(d, Delivery)] == positions[-5:]
+
+
 def test_bus_from_url_builds_a_redis_bus_with_query_options() -> None:
     bus = bus_from_url("redis://127.0.0.1:6379/0?maxlen=7&history_ttl=30&prefix=app:&exact_trim=1")
     assert isinstance(bus, RedisBus)
@@ -230,3 +248,31 @@ def test_missing_redis_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delitem(sys.modules, "splitchat.bus.redis", raising=False)
     with pytest.raises(RuntimeError, match=r"splitchat\[redis\]"):
         bus_from_url("redis://127.0.0.1:6379/0")
+
+
+async def test_two_processes_share_channels_and_offsets(prefix: str) -> None:
+    # Two bus instances stand for two processes: each subscriber sees every event of both,
+    # in one order, with contiguous offsets from concurrent publishers.
+    async with (
+        RedisBus(SHARED, prefix=prefix) as a,
+        RedisBus(SHARED, prefix=prefix) as b,
+        a.subscribe(["x"]) as sub_a,
+        b.subscribe(["x"]) as sub_b,
+    ):
+        positions: list[Position] = []
+
+        async def publisher(bus: Bus, tag: bytes) -> None:
+            for i in range(25):
+                position = await bus.publish("x", tag + b"%d" % i)
+                positions.append(position)
+
+        async with anyio.create_task_group() as tg:
+            for bus, tag in ((a, b"a"), (b, b"b"), (a, b"c"), (b, b"d")):
+                tg.start_soon(publisher, bus, tag)
+        assert sorted(p.offset for p in positions) == list(range(1, 101))
+        got_a = [await _receive(sub_a) for _ in range(100)]
+        got_b = [await _receive(sub_b) for _ in range(100)]
+        assert got_a == got_b
+        assert [d.position.offset for d in got_a if isinstance(d, Delivery) and d.position] == list(
+            range(1, 101)
+        )

@@ -50,6 +50,10 @@ class LocalSubscription(Subscription):
         self._last: dict[str, Position | None] = {}
         # channels whose events were dropped on overflow -> Gap.after to report
         self._gapped: dict[str, Position | None] = {}
+        # channels whose latest item handed over or enqueued is a Gap: a further loss before
+        # the next delivery is already covered by it (one Gap per hole, `after` = what the
+        # subscriber really got last, never a position it did not see)
+        self._gap_open: set[str] = set()
         self.floor: dict[str, Position | None] = {}
         self._wakeup = anyio.Event()
         self._closed = False
@@ -100,6 +104,7 @@ class LocalSubscription(Subscription):
         for name in gone:
             self._last.pop(name, None)
             self._gapped.pop(name, None)
+            self._gap_open.discard(name)
             self.floor.pop(name, None)
         if attached:
             self._hub._detach(self, attached)
@@ -117,6 +122,7 @@ class LocalSubscription(Subscription):
         self._initial = []
         self._buffer.clear()
         self._gapped.clear()
+        self._gap_open.clear()
         self._wakeup.set()
 
     async def aclose(self) -> None:
@@ -138,22 +144,24 @@ class LocalSubscription(Subscription):
             # Room again: report the loss first, then continue live (may exceed by one).
             self._buffer.append(Gap(channel, self._gapped.pop(channel), "subscriber fell behind"))
         elif len(self._buffer) >= self._buffer_size:
-            self._gapped[channel] = self._last.get(channel)
+            if channel not in self._gap_open:
+                self._gapped[channel] = self._last.get(channel)
             return
         self._buffer.append(delivery)
         self._last[channel] = delivery.position
+        self._gap_open.discard(channel)
         self._wakeup.set()
 
     def push_gap(self, gap: Gap) -> None:
         """Enqueue a gap detected by the backend (never dropped: it merges with a pending one)."""
-        if gap.channel not in self._channels:
-            return
-        if gap.channel in self._gapped:
-            return  # an earlier pending gap already covers everything after its position
+        channel = gap.channel
+        if channel not in self._channels or channel in self._gapped or channel in self._gap_open:
+            return  # an earlier gap, pending or handed over, already covers this loss
         if len(self._buffer) >= self._buffer_size:
-            self._gapped[gap.channel] = self._last.get(gap.channel)
+            self._gapped[channel] = self._last.get(channel)
             return
-        self._buffer.append(gap)
+        self._buffer.append(Gap(channel, self._last.get(channel), gap.reason))
+        self._gap_open.add(channel)
         self._wakeup.set()
 
     def push_ephemeral(self, delivery: Delivery) -> None:
@@ -169,6 +177,7 @@ class LocalSubscription(Subscription):
                 return self._buffer.popleft()
             if self._gapped:
                 channel = next(iter(self._gapped))
+                self._gap_open.add(channel)
                 return Gap(channel, self._gapped.pop(channel), "subscriber fell behind")
             if self._closed:
                 raise StopAsyncIteration

@@ -270,6 +270,12 @@ class NatsBus(Bus):
                 storage=StorageType.FILE if self.storage == "file" else StorageType.MEMORY,
             )
             info = await self._jsm.add_stream(config)  # idempotent if another process raced us
+        subjects = info.config.subjects or []
+        if f"{self.subject_prefix}.ch.>" not in subjects:
+            raise BusUnavailable(
+                f"JetStream stream {self.stream!r} exists but does not capture "
+                f"'{self.subject_prefix}.ch.>' (its subjects: {subjects}); use another stream name"
+            )
         created = info.created
         stamp = int(created.timestamp() * 1_000_000) if created is not None else 0
         self.epoch = f"{self.stream}.{stamp:x}"

@@ -133,7 +133,7 @@ class RedisBus(Bus):
             be applied twice).
         buffer_size: items buffered per local subscription before it gets a ``Gap``.
         block_ms: how long one blocking XREAD waits before it is reissued.
-        read_count: entries read per stream per XREAD.
+        read_count: entries read per stream per XREAD (bounds one reply: read_count x streams x payload).
         resync_interval: seconds between checks that the read channels' epochs did not change
             under the reader (a stream deleted or expired and recreated while subscribed).
         reconnect_delay: (first, max) seconds of the reader's exponential reconnect backoff.
@@ -152,7 +152,7 @@ class RedisBus(Bus):
         timeout: float = 2.0,
         buffer_size: int = 1000,
         block_ms: int = 5000,
-        read_count: int = 500,
+        read_count: int = 100,
         resync_interval: float = 10.0,
         reconnect_delay: tuple[float, float] = (0.05, 2.0),
     ) -> None:
@@ -200,7 +200,10 @@ class RedisBus(Bus):
         passthrough: list[tuple[str, str]] = []
         ours = {"maxlen", "exact_trim", "history_ttl", "prefix", "timeout", "buffer_size"}
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
-            (options.__setitem__(key, value) if key in ours else passthrough.append((key, value)))
+            if key in ours:
+                options[key] = value
+            else:
+                passthrough.append((key, value))
         clean = urlunsplit(parts._replace(query=urlencode(passthrough)))
         kwargs: dict[str, Any] = {}
         if "maxlen" in options:
