@@ -153,3 +153,14 @@ async def test_in_memory_store_refuses_writes_from_a_node_that_lost_the_session(
     assert await store.save_many([SessionRecord.checkpoint_of(state, 9e9, "A")]) == [False]
     taken = await store.take("sid")
     assert taken is not None and taken.owner == "A"
+
+
+async def test_in_memory_store_forgets_expired_records_as_it_goes() -> None:
+    now = [100.0]
+    store = InMemorySessionStore(clock=lambda: now[0])
+    for n in range(5):
+        state = SessionState(f"s{n}", ALICE)
+        await store.save(SessionRecord.checkpoint_of(state, expires_at=now[0] + 10))
+    now[0] = 200.0  # every record outlived its resume window
+    await store.save(SessionRecord.checkpoint_of(SessionState("fresh", ALICE), expires_at=210.0))
+    assert len(store) == 1

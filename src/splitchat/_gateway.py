@@ -810,20 +810,16 @@ class Gateway:
             }
             due |= self._dirty
             self._dirty = set()
-            batch = [
-                local
-                for local in due
-                if local.attached
-                and local.core.session is not None
-                and local.core.state is ConnectionState.CONNECTED
-            ]
+            expires_at = self._record_expiry()
+            batch: list[_Local] = []
+            records: list[SessionRecord] = []
+            for local in due:
+                session = local.core.session
+                if local.attached and session is not None and local.core.state is ConnectionState.CONNECTED:
+                    batch.append(local)
+                    records.append(SessionRecord.checkpoint_of(session, expires_at, self.node_id))
             if not batch:
                 continue
-            expires_at = self._record_expiry()
-            records = [
-                SessionRecord.checkpoint_of(local.core.session, expires_at, self.node_id)  # type: ignore[arg-type]
-                for local in batch
-            ]
             try:
                 with anyio.fail_after(max(self.checkpoint_interval, 2.0)):
                     saved = await self.session_store.save_many(records)

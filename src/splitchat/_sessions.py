@@ -215,7 +215,14 @@ class InMemorySessionStore(SessionStore):
                 self._owners.popitem(last=False)
         self._records.pop(record.session_id, None)
         self._records[record.session_id] = record
-        while len(self._records) > self.max_sessions:
+        # Records are kept in write order and all live for about one resume window, so the
+        # expired ones sit at the front: drop them here (amortised O(1)), so that memory follows
+        # the sessions of the last resume window, not max_sessions.
+        now = self._clock()
+        while self._records:
+            oldest = next(iter(self._records.values()))
+            if oldest.expires_at > now and len(self._records) <= self.max_sessions:
+                break
             self._records.popitem(last=False)
 
     async def take(self, session_id: str) -> SessionRecord | None:
