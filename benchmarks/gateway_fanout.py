@@ -13,7 +13,14 @@ What it does:
 Output: one JSON line: deliveries, wall seconds, deliveries/s, latency p50/p99/max (ms), missing.
 All three processes share the machine's cores, so the numbers are a floor, not a ceiling.
 
+Scale-out: ``--bus redis://127.0.0.1:6379/0`` or ``--bus nats://127.0.0.1:4222`` with
+``--nodes 2`` starts that many gateway processes on one shared bus (a unique key prefix / stream
+per run, deleted afterwards); clients are spread round-robin over the nodes and every POST goes
+to node 0, so the clients of the other nodes measure cross-node delivery
+(``cross_node_latency_ms_p50/p99``).
+
 Run:  python benchmarks/gateway_fanout.py [--clients 1000] [--events 200] [--rate 50]
+      python benchmarks/gateway_fanout.py --bus redis://127.0.0.1:6379/0 --nodes 2 --clients 300
 """
 
 from __future__ import annotations
@@ -41,12 +48,12 @@ def run_server() -> None:
     from starlette.responses import Response
     from starlette.routing import Route, WebSocketRoute
 
-    from splitchat import Gateway, InMemoryBus, Principal, encode_event
+    from splitchat import Gateway, Principal, bus_from_url, encode_event
 
     async def authenticate(token: str) -> Principal | None:
         return Principal(id=token) if token.startswith("bench-") else None
 
-    bus = InMemoryBus()
+    bus = bus_from_url(os.environ.get("BENCH_BUS_URL", "memory://"))
     presence = os.environ.get("BENCH_PRESENCE") == "1"
     gateway = Gateway(bus, authenticate, heartbeat_interval=300.0, announce_presence=presence)
     counter = 0
@@ -89,16 +96,18 @@ def run_server() -> None:
 # ---- client process ------------------------------------------------------------------------------
 
 
-def run_clients(port: int, clients: int, events: int, timeout: float) -> None:
+def run_clients(ports: list[int], clients: int, events: int, timeout: float) -> None:
     from websockets.asyncio.client import connect
 
     latencies: list[float] = []
+    cross_node: list[float] = []  # clients of nodes other than node 0 (which gets the POSTs)
     received = [0] * clients
     done = asyncio.Event()
     remaining = [clients]
 
     async def one(i: int, ready: asyncio.Event, all_ready: asyncio.Event) -> None:
-        async with connect(f"ws://127.0.0.1:{port}/gateway", max_queue=None) as ws:
+        node = i % len(ports)
+        async with connect(f"ws://127.0.0.1:{ports[node]}/gateway", max_queue=None) as ws:
             await ws.recv()  # HELLO
             await ws.send(json.dumps({"op": 2, "d": {"token": f"bench-{i}", "subscriptions": [CHANNEL]}}))
             while json.loads(await ws.recv()).get("t") != "READY":
@@ -108,7 +117,10 @@ def run_clients(port: int, clients: int, events: int, timeout: float) -> None:
             while received[i] < events:
                 frame = json.loads(await ws.recv())
                 if frame.get("t") == "BENCH":
-                    latencies.append(time.time() - frame["d"]["t"])
+                    latency = time.time() - frame["d"]["t"]
+                    latencies.append(latency)
+                    if node:
+                        cross_node.append(latency)
                     received[i] += 1
             remaining[0] -= 1
             if not remaining[0]:
@@ -134,7 +146,8 @@ def run_clients(port: int, clients: int, events: int, timeout: float) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        print(json.dumps({"latencies": latencies, "missing": clients * events - sum(received)}), flush=True)
+        missing = clients * events - sum(received)
+        print(json.dumps({"latencies": latencies, "cross_node": cross_node, "missing": missing}), flush=True)
 
     asyncio.run(main())
 
@@ -170,29 +183,47 @@ def main() -> None:
     parser.add_argument(
         "--presence", action="store_true", help="announce presence (N^2/2 frames while N clients join)"
     )
+    parser.add_argument("--bus", default="memory://", help="bus URL (memory://, redis://..., nats://...)")
+    parser.add_argument("--nodes", type=int, default=1, help="gateway processes (>1 needs redis/nats)")
     parser.add_argument("--role", choices=["server", "clients"], help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--ports", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role == "server":
         run_server()
         return
     if args.role == "clients":
-        run_clients(args.port, args.clients, args.events, args.timeout)
+        run_clients([int(p) for p in args.ports.split(",")], args.clients, args.events, args.timeout)
         return
+    if args.nodes > 1 and args.bus.startswith("memory"):
+        raise SystemExit("--nodes > 1 needs a shared bus (redis:// or nats://)")
 
     import os
+    import uuid
 
     import httpx
 
+    run_id = uuid.uuid4().hex[:10]
+    bus_url = args.bus
+    separator = "&" if "?" in bus_url else "?"
+    if bus_url.startswith("redis"):
+        bus_url += f"{separator}prefix=bench-{run_id}:"
+    elif bus_url.startswith("nats"):
+        bus_url += f"{separator}stream=BENCH_{run_id}&subject_prefix=bench{run_id}"
     me = [sys.executable, __file__]
-    env = {**os.environ, "BENCH_PRESENCE": "1" if args.presence else "0"}
-    server = subprocess.Popen([*me, "--role", "server"], stdout=subprocess.PIPE, text=True, env=env)
+    env = {**os.environ, "BENCH_PRESENCE": "1" if args.presence else "0", "BENCH_BUS_URL": bus_url}
+    servers = [
+        subprocess.Popen([*me, "--role", "server"], stdout=subprocess.PIPE, text=True, env=env)
+        for _ in range(args.nodes)
+    ]
     clients = None
     try:
-        assert server.stdout is not None
-        port = int(server.stdout.readline())
+        ports = []
+        for proc in servers:
+            assert proc.stdout is not None
+            ports.append(int(proc.stdout.readline()))
+        port = ports[0]
         clients = subprocess.Popen(
-            [*me, "--role", "clients", "--port", str(port), "--clients", str(args.clients),
+            [*me, "--role", "clients", "--ports", ",".join(map(str, ports)), "--clients", str(args.clients),
              "--events", str(args.events), "--timeout", str(args.timeout)],
             stdout=subprocess.PIPE,
             text=True,
@@ -210,12 +241,15 @@ def main() -> None:
                 http.post("/publish", content=json.dumps({"n": n, "t": time.time()})).raise_for_status()
         result = json.loads(clients.stdout.readline())
         finished = time.time()
-        server_cpu, clients_cpu = cpu_seconds(server.pid), cpu_seconds(clients.pid)
+        server_cpu, clients_cpu = sum(cpu_seconds(p.pid) for p in servers), cpu_seconds(clients.pid)
         latencies = result["latencies"]
+        cross = result["cross_node"]
         wall = finished - started
         print(
             json.dumps(
                 {
+                    "bus": args.bus.split("://")[0],
+                    "nodes": args.nodes,
                     "clients": args.clients,
                     "events": args.events,
                     "deliveries": len(latencies),
@@ -225,19 +259,50 @@ def main() -> None:
                     "latency_ms_p50": round(percentile(latencies, 50) * 1000, 1),
                     "latency_ms_p99": round(percentile(latencies, 99) * 1000, 1),
                     "latency_ms_max": round(max(latencies) * 1000, 1),
+                    "cross_node_latency_ms_p50": round(percentile(cross, 50) * 1000, 1) if cross else None,
+                    "cross_node_latency_ms_p99": round(percentile(cross, 99) * 1000, 1) if cross else None,
                     "server_cpu_s": round(server_cpu, 1),
                     "clients_cpu_s": round(clients_cpu, 1),
                 }
             )
         )
     finally:
-        for proc in (clients, server):
+        for proc in (clients, *servers):
             if proc is not None:
                 proc.terminate()
                 try:
                     proc.wait(10)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+        cleanup(bus_url)
+
+
+def cleanup(bus_url: str) -> None:
+    """Delete this run's Redis keys / NATS stream."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    parts = urlsplit(bus_url)
+    options = dict(parse_qsl(parts.query))
+
+    async def run() -> None:
+        if parts.scheme.startswith("redis"):
+            import redis.asyncio as aioredis
+
+            client = aioredis.Redis.from_url(bus_url.split("?")[0])
+            keys = [key async for key in client.scan_iter(match=options["prefix"] + "*", count=1000)]
+            if keys:
+                await client.delete(*keys)
+            await client.aclose()
+        elif parts.scheme == "nats":
+            import nats
+
+            nc = await nats.connect(bus_url.split("?")[0])
+            try:
+                await nc.jsm().delete_stream(options["stream"])
+            finally:
+                await nc.close()
+
+    asyncio.run(run())
 
 
 if __name__ == "__main__":

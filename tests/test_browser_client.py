@@ -67,6 +67,7 @@ class Script:
     on_identify: list[str] = field(default_factory=list)  # per connection: "ready" | "4004"
     on_resume: list[str] = field(default_factory=list)  # per connection: "resumed" | "invalid"
     dispatch_after_ready: int = 0
+    resend_on_resume: bool = False  # resume like a node rebuilding a crash checkpoint
     connections: list[Connection] = field(default_factory=list)
     http_attempts: list[dict[str, Any]] = field(default_factory=list)
     http_plan: list[int] = field(default_factory=list)  # statuses to answer before 200
@@ -104,10 +105,13 @@ def build_app(script: Script) -> Starlette:
         ack = script.ack_heartbeats[index] if index < len(script.ack_heartbeats) else True
         seq = 0
 
-        async def dispatch(t: str, d: Any) -> None:
+        async def dispatch(t: str, d: Any, event_id: str | None = None) -> None:
             nonlocal seq
             seq += 1
-            await ws.send_text(json.dumps({"op": 0, "s": seq, "t": t, "d": d}))
+            frame = {"op": 0, "s": seq, "t": t, "d": d}
+            if event_id is not None:
+                frame["id"], frame["channel"] = event_id, "x"
+            await ws.send_text(json.dumps(frame))
 
         await ws.send_text(json.dumps({"op": 10, "d": {"heartbeat_interval": script.heartbeat_interval}}))
         try:
@@ -124,15 +128,20 @@ def build_app(script: Script) -> Starlette:
                         return
                     await dispatch("READY", {"session_id": "sess-1", "resume_gateway_url": None, "user": {}})
                     for n in range(script.dispatch_after_ready):
-                        await dispatch("MESSAGE_CREATE", {"n": n})
+                        await dispatch("MESSAGE_CREATE", {"n": n}, f"e{n}")
                 elif frame["op"] == 6:
                     plan = script.on_resume[index] if index < len(script.on_resume) else "resumed"
                     if plan == "invalid":
                         await ws.send_text(json.dumps({"op": 9, "d": False}))
                         continue
                     seq = frame["d"]["seq"]
-                    await dispatch("MESSAGE_CREATE", {"n": "after-resume"})
-                    await ws.send_text(json.dumps({"op": 0, "s": None, "t": "RESUMED", "d": {"replayed": 1}}))
+                    resumed: dict[str, Any] = {"replayed": 1}
+                    if script.resend_on_resume:  # the events after the checkpoint, with new seqs
+                        for n in range(script.dispatch_after_ready):
+                            await dispatch("MESSAGE_CREATE", {"n": n}, f"e{n}")
+                        resumed = {"replayed": 1 + script.dispatch_after_ready, "duplicates_possible": True}
+                    await dispatch("MESSAGE_CREATE", {"n": "after-resume"}, "e-after")
+                    await ws.send_text(json.dumps({"op": 0, "s": None, "t": "RESUMED", "d": resumed}))
         except WebSocketDisconnect as exc:
             conn.close_code = exc.code
 
@@ -208,6 +217,23 @@ def test_missing_ack_is_a_zombie_closed_with_4000_then_resumed(harness: tuple[Sc
     # The dispatch replayed on resume continues the sequence and reaches listeners once.
     after = [e for e in page.evaluate("window.events") if e[2] == {"n": "after-resume"}]
     assert [e[1] for e in after] == [4]
+
+
+def test_events_resent_after_a_crash_resume_reach_the_app_once(harness: tuple[Script, Any]) -> None:
+    script, page = harness
+    script.heartbeat_interval = 300
+    script.ack_heartbeats = [False, True]  # a zombie: the client resumes on a "new node"
+    script.dispatch_after_ready = 3
+    script.resend_on_resume = True
+    page.evaluate(
+        """() => { window.created = [];
+        const c = window.makeClient({ token: "tok" });
+        c.on("MESSAGE_CREATE", (d) => window.created.push(d.n)); c.connect(); }"""
+    )
+    page.wait_for_function("window.states.some(([s]) => s === 'resumed')", timeout=10_000)
+    page.wait_for_function("window.created.length >= 4")
+    assert page.evaluate("window.created") == [0, 1, 2, "after-resume"]  # e0..e2 re-sent, deduped
+    assert page.evaluate("window.client.seq") == 8  # sequence numbers still advanced past them
 
 
 def test_invalid_session_false_reidentifies_and_asks_the_app_to_resync(harness: tuple[Script, Any]) -> None:

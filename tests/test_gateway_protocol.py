@@ -28,6 +28,7 @@ from splitchat import (
 from splitchat._protocol import (
     Authenticate,
     AuthorizeChannels,
+    Checkpoint,
     Close,
     ResumeLookup,
     Subscribe,
@@ -76,7 +77,7 @@ def connected(channels: tuple[str, ...] = ("room",), config: GatewayConfig = CFG
     if channels:
         assert actions == [AuthorizeChannels(channels)]
         actions = conn.authorized(list(channels), [], 0.3)
-        assert actions == [Subscribe(channels)]
+        assert actions == [Subscribe(channels), Checkpoint()]
     assert conn.state is ConnectionState.CONNECTED
     return conn
 
@@ -99,7 +100,7 @@ def test_handshake_hello_identify_ready() -> None:
     }
     conn.receive_data(frame(2, {"token": "t", "subscriptions": ["a", "b", "a"]}), 1.0)
     assert conn.identified(ALICE, "sid", 1.0) == [AuthorizeChannels(("a", "b"))]
-    assert conn.authorized(["a"], ["b"], 1.0) == [Subscribe(("a",))]
+    assert conn.authorized(["a"], ["b"], 1.0) == [Subscribe(("a",)), Checkpoint()]
     (ready,) = drain(conn)
     assert ready["s"] == 1 and ready["t"] == "READY"
     assert ready["d"] == {
@@ -336,7 +337,7 @@ def test_replay_buffer_is_bounded_by_count_bytes_and_window() -> None:
         conn.deliver(event(n), 1.0)
     session = conn.session
     assert session is not None
-    assert [s for s, _, _ in session.buffer] == [4, 5, 6] and session.buffer_floor == 3
+    assert [s for s, _, _, _ in session.buffer] == [4, 5, 6] and session.buffer_floor == 3
     conn.tick(11.5)  # everything is older than the resume window now
     assert not session.buffer and session.buffer_floor == 6
 
@@ -345,9 +346,10 @@ def test_subscribe_unsubscribe_and_gap_invalidation() -> None:
     conn = connected(("a",))
     drain(conn)
     assert conn.receive_data(frame(12, {"channels": ["a", "b"]}), 1.0) == [AuthorizeChannels(("b",))]
-    assert conn.authorized(["b"], [], 1.0) == [Subscribe(("b",))]
+    assert conn.authorized(["b"], [], 1.0) == [Subscribe(("b",)), Checkpoint()]
     assert drain(conn)[0]["d"] == {"granted": ["b"], "denied": []}
-    assert conn.receive_data(frame(13, {"channels": ["a", "zzz"]}), 1.0) == [Unsubscribe(("a",))]
+    unsubscribe = frame(13, {"channels": ["a", "zzz"]})
+    assert conn.receive_data(unsubscribe, 1.0) == [Unsubscribe(("a",)), Checkpoint()]
     assert drain(conn)[0]["d"] == {"channels": ["a"]}
     (close,) = conn.invalidate(2.0)
     assert isinstance(close, Close) and close.code == 4007 and not close.resumable
@@ -403,8 +405,8 @@ def test_session_record_round_trips_through_msgpack() -> None:
     wire = msgspec.msgpack.encode(record)  # what a Redis store would keep
     back = msgspec.msgpack.decode(wire, type=SessionRecord).to_state(5.0)
     assert back.seq == 3 and back.channels == {"room"} and back.positions == {"room": Position("e1", 1)}
-    assert [(s, d.render("json", s)) for s, _, d in back.buffer] == [
-        (s, d.render("json", s)) for s, _, d in conn.session.buffer
+    assert [(s, d.render("json", s)) for s, _, d, _ in back.buffer] == [
+        (s, d.render("json", s)) for s, _, d, _ in conn.session.buffer
     ]
 
 
@@ -482,11 +484,18 @@ class GatewayMachine(RuleBasedStateMachine):
     def _handle(self, actions: list[Any]) -> None:
         for action in actions:
             assert isinstance(
-                action, Close | Authenticate | AuthorizeChannels | Subscribe | Unsubscribe | ResumeLookup
+                action,
+                Close
+                | Authenticate
+                | AuthorizeChannels
+                | Subscribe
+                | Unsubscribe
+                | ResumeLookup
+                | Checkpoint,
             )
             if isinstance(action, Close):
                 assert action.code in DOCUMENTED_CLOSES
-            else:
+            elif not isinstance(action, Checkpoint):  # needs no answer
                 self.pending.append(action)
 
     @precondition(lambda self: self.conn.state is ConnectionState.AWAITING_IDENTIFY)

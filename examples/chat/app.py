@@ -46,6 +46,9 @@ class ChatConfig:
     """Settings of the example app; :meth:`from_env` reads the documented environment variables."""
 
     bus_url: str = "memory://"
+    state_url: str = ""  # Redis URL for sessions, idempotency, presence and rate limits ("": in memory)
+    state_prefix: str = "splitchat:"
+    node_id: str = ""  # this process's name in session records and presence leases ("": random)
     channels: tuple[str, ...] = ("general", "random", "help")
     message_rate: str = "5/5 seconds"
     typing_rate: str = "10/10 seconds"
@@ -63,6 +66,9 @@ class ChatConfig:
         base = cls()
         return cls(
             bus_url=get("SPLITCHAT_BUS_URL", base.bus_url),
+            state_url=get("SPLITCHAT_STATE_URL", base.state_url),
+            state_prefix=get("SPLITCHAT_STATE_PREFIX", base.state_prefix),
+            node_id=get("SPLITCHAT_NODE_ID", base.node_id),
             channels=tuple(c.strip() for c in get("SPLITCHAT_CHANNELS", ",".join(base.channels)).split(",")),
             message_rate=get("SPLITCHAT_MESSAGE_RATE", base.message_rate),
             typing_rate=get("SPLITCHAT_TYPING_RATE", base.typing_rate),
@@ -182,7 +188,9 @@ def build_app(config: ChatConfig | None = None, *, bus: splitchat.Bus | None = N
     store = MessageStore(channels, max_messages=config.history_limit)
     tokens = DemoTokens()
     snowflakes = splitchat.SnowflakeGenerator()
-    limiter = splitchat.RateLimiter()
+    # Shared state for several processes/machines (docs/deployment.md); in memory otherwise.
+    state = splitchat.redis_state(config.state_url, prefix=config.state_prefix) if config.state_url else None
+    limiter = state.rate_limiter if state is not None else splitchat.RateLimiter()
 
     async def authenticate(token: str) -> splitchat.Principal | None:
         user = tokens.lookup(token)
@@ -199,10 +207,11 @@ def build_app(config: ChatConfig | None = None, *, bus: splitchat.Bus | None = N
         # Unknown channels are answered 404 by the handlers (Discord's "Unknown Channel"), so the
         # HTTP side authorizes every channel; the gateway refuses subscriptions to unknown ones.
         rate_limiter=limiter,
+        idempotency_store=state.idempotency_store if state is not None else None,
         snowflakes=snowflakes,
         global_rate_limit=config.global_rate,
     )
-    presence = splitchat.InMemoryPresence()
+    presence: splitchat.Presence = state.presence if state is not None else splitchat.InMemoryPresence()
     gateway = splitchat.Gateway(
         bus=bus,
         authenticator=authenticate,
@@ -210,6 +219,8 @@ def build_app(config: ChatConfig | None = None, *, bus: splitchat.Bus | None = N
         heartbeat_interval=config.heartbeat_interval,
         resume_window=config.resume_window,
         presence=presence,
+        session_store=state.session_store if state is not None else None,
+        node_id=config.node_id or None,
     )
 
     def author_of(ctx: splitchat.CommandContext) -> dict[str, str]:
@@ -391,7 +402,7 @@ def build_app(config: ChatConfig | None = None, *, bus: splitchat.Bus | None = N
             splitchat.browser_client_mount("/splitchat"),
             Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
         ],
-        lifespan=splitchat.lifespan(bus, endpoint, gateway),
+        lifespan=splitchat.lifespan(*([state] if state is not None else []), bus, endpoint, gateway),
         exception_handlers={404: not_found},
     )
 

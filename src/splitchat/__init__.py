@@ -29,6 +29,7 @@ from ._gateway import Gateway
 from ._idempotency import (
     ClaimResult,
     IdempotencyStore,
+    IdempotencyStoreUnavailable,
     InMemoryIdempotencyStore,
     StoredResponse,
     request_fingerprint,
@@ -42,6 +43,10 @@ from ._sessions import BufferedDispatch, InMemorySessionStore, SessionRecord, Se
 # --- end gateway ---
 from ._snowflake import SPLITCHAT_EPOCH_MS, SnowflakeGenerator, snowflake_time
 
+# --- scale-out ---
+from ._state import redis_state
+
+# --- end scale-out ---
 # --- browser client (webapp) ---
 from ._static import BROWSER_CLIENT_FILENAME, browser_client_mount, browser_client_path, static_files
 
@@ -93,6 +98,7 @@ __all__ = (
     "EventReceipt",
     "HTTPError",
     "IdempotencyStore",
+    "IdempotencyStoreUnavailable",
     "InMemoryIdempotencyStore",
     "Lifecycle",
     "LoggingAuditSink",
@@ -125,6 +131,9 @@ __all__ = (
     "decode_client_frame",
     # end gateway
     "SPLITCHAT_EPOCH_MS",
+    # --- scale-out ---
+    "redis_state",
+    # --- end scale-out ---
     # --- browser client (webapp) ---
     "BROWSER_CLIENT_FILENAME",
     "browser_client_mount",

@@ -49,7 +49,13 @@ from ._http import (
     unauthorized,
     validation_errors,
 )
-from ._idempotency import IdempotencyStore, InMemoryIdempotencyStore, StoredResponse, request_fingerprint
+from ._idempotency import (
+    IdempotencyStore,
+    IdempotencyStoreUnavailable,
+    InMemoryIdempotencyStore,
+    StoredResponse,
+    request_fingerprint,
+)
 from ._lifespan import lifespan
 from ._openapi import openapi_document
 from ._ratelimit import RateLimitDecision, RateLimiter
@@ -341,6 +347,13 @@ class CommandEndpoint:
             )
             reply = Reply(503, json_encoder.encode(body))
             code = "rate_limiter_unavailable"
+        except IdempotencyStoreUnavailable:
+            logger.warning("idempotency store failed (request %s)", request_id, exc_info=True)
+            body = ErrorBody(
+                code="idempotency_unavailable", message="Idempotency store is unavailable; retry later"
+            )
+            reply = Reply(503, json_encoder.encode(body))
+            code = "idempotency_unavailable"
         except ClientGone:
             await self._audit(outcome, request_id, scope, client, "client_disconnected", 0, started)
             return

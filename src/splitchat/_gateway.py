@@ -32,6 +32,7 @@ from ._protocol import (
     Action,
     Authenticate,
     AuthorizeChannels,
+    Checkpoint,
     Close,
     ConnectionState,
     GatewayConfig,
@@ -63,6 +64,7 @@ class _Local:
         "_closing",
         "_wake",
         "attached",
+        "checkpointed_at",
         "close_sent",
         "closing",
         "connection_id",
@@ -75,6 +77,7 @@ class _Local:
         self.connection_id = connection_id
         self.attached = True
         self.expires_at = 0.0
+        self.checkpointed_at = 0.0  # monotonic time of the last checkpoint written
         self.closing: Close | None = None
         self.close_sent = False
         self._wake = anyio.Event()
@@ -119,6 +122,10 @@ class Gateway:
             and query ``presence.members()`` instead (membership is tracked either way).
         resume_gateway_url: sent in READY for clients to resume against.
         drain_timeout: seconds ``close()`` waits for clients to receive RECONNECT.
+        node_id: this node's name in session records and presence leases (default: random);
+            must differ between the processes sharing a session store.
+        checkpoint_interval: seconds between batched checkpoint writes of the connected
+            sessions whose checkpoint moved (crash-safe resume; see docs/gateway.md).
         clock: monotonic seconds (tests may pass a fake one).
     """
 
@@ -142,6 +149,8 @@ class Gateway:
         resume_gateway_url: str | None = None,
         announce_presence: bool = True,
         drain_timeout: float = 5.0,
+        node_id: str | None = None,
+        checkpoint_interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.bus = bus
@@ -167,6 +176,9 @@ class Gateway:
         self.presence: Presence = presence if presence is not None else InMemoryPresence()
         self.drain_timeout = drain_timeout
         self.announce_presence = announce_presence
+        self.node_id = node_id if node_id is not None else secrets.token_hex(6)
+        self.checkpoint_interval = checkpoint_interval
+        self._dirty: set[_Local] = set()  # connected sessions whose checkpoint must be written
         self._clock = clock
         self._ids = SnowflakeGenerator(secrets.randbelow(1024))
         self._routes: dict[str, set[_Local]] = {}
@@ -205,6 +217,7 @@ class Gateway:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._hub_loop, hub)
                     tg.start_soon(self._expiry_loop)
+                    tg.start_soon(self._checkpoint_loop)
         finally:
             self._background_done.set()
 
@@ -218,6 +231,26 @@ class Gateway:
             return
         self._drained = True
         self._accepting = False
+        # Freeze the connected sessions BEFORE telling clients to go: stop routing events to
+        # them (no await between that and the snapshot, so the snapshot holds exactly what was
+        # queued) and save the full records. A client reconnecting at once to another node then
+        # always finds its record there, and never has a seq the record lacks.
+        frozen: list[SessionRecord] = []
+        expires_at = self._record_expiry()
+        for local in list(self._connections):
+            session = local.core.session
+            if session is None or local.core.state is not ConnectionState.CONNECTED:
+                continue
+            for channel in session.channels:
+                routes = self._routes.get(channel)
+                if routes is not None:
+                    routes.discard(local)
+            frozen.append(SessionRecord.from_state(session, expires_at, self.node_id))
+        with anyio.move_on_after(self.drain_timeout):
+            try:
+                await self.session_store.save_many(frozen)
+            except Exception:
+                logger.exception("saving %d sessions before drain failed", len(frozen))
         now = self._clock()
         for local in list(self._connections):
             self._after(local, local.core.reconnect(now))
@@ -233,11 +266,17 @@ class Gateway:
         if self._hub is not None:
             await self._hub.aclose()
         expires_at = time.time() + self.config.resume_window
+        records = [
+            SessionRecord.from_state(local.core.session, expires_at, self.node_id)
+            for local in self._sessions.values()
+            if local.core.session is not None and local.core.resumable
+        ]
         with anyio.move_on_after(self.drain_timeout):
-            for local in list(self._sessions.values()):
-                session = local.core.session
-                if session is not None and local.core.resumable:
-                    await self.session_store.save(SessionRecord.from_state(session, expires_at))
+            try:
+                await self.session_store.save_many(records)
+            except Exception:
+                logger.exception("saving %d sessions on drain failed", len(records))
+        self._dirty.clear()
         self._sessions.clear()
         self._routes.clear()
 
@@ -300,7 +339,7 @@ class Gateway:
             return
         await send({"type": "websocket.accept"})
         self._next_connection += 1
-        local = _Local(GatewayConnection(self.config, encoding), f"c{self._next_connection}")
+        local = _Local(GatewayConnection(self.config, encoding), f"{self.node_id}:c{self._next_connection}")
         self._connections.add(local)
         try:
             await self._serve(local, receive, send)
@@ -433,6 +472,8 @@ class Gateway:
                 await self._route_remove(local, action.channels)
             elif isinstance(action, ResumeLookup):
                 await self._resume(local, action)
+            elif isinstance(action, Checkpoint):
+                self._dirty.add(local)
             else:
                 self._closing(local, action)
         local.wake()
@@ -485,6 +526,21 @@ class Gateway:
             if old.session is None or old.session.principal.id != principal.id:
                 await self._apply(local, core.resume_rejected(True, self._clock()))
                 return
+            if not await self._still_owner(request.session_id):
+                # Another node hosted the session since (the client resumed there and came
+                # back): our copy is stale. Drop it and resume from the store like any node.
+                if old.state is not ConnectionState.CLOSED:
+                    self._after(host, old.force_close(4000, "session resumed elsewhere", resumable=False))
+                    host.attached = False
+                    await self._presence_leave(host, old.session.channels)
+                if self._sessions.get(request.session_id) is host and old.session is not None:
+                    await self._drop_session(host, request.session_id, old.session.channels)
+                old.session = None
+                old.resumable = False
+                host = None
+        if host is not None and host is not local:
+            old = host.core
+            assert old.session is not None
             if old.state is not ConnectionState.CLOSED:
                 # The client came back before we noticed it left: the old socket is superseded.
                 self._after(host, old.force_close(4000, "session resumed elsewhere", resumable=True))
@@ -516,6 +572,9 @@ class Gateway:
                 await self._drop_session(local, session.session_id, session.channels)
             await self._apply(local, actions)
             return
+        # Claim first: from now on the previous host (a zombie, or a detached copy) can no longer
+        # overwrite the record, so what we take is the newest it will ever be.
+        await self.session_store.claim(request.session_id, self.node_id, self._record_expiry())
         record = await self.session_store.take(request.session_id)
         if record is None or record.principal.id != principal.id:
             if record is not None:
@@ -525,7 +584,7 @@ class Gateway:
         # Other node: subscribe live first (deliveries are held by the machine), then rebuild what
         # was missed from bus history after the snapshot's positions, then flush the held ones.
         session = record.to_state(self._clock())
-        actions = list(core.resume_begin(session, self._clock()))
+        actions = list(core.resume_begin(session, self._clock(), from_checkpoint=record.checkpoint))
         if core.state is not ConnectionState.RESUMING:
             await self._apply(local, actions)
             return
@@ -575,7 +634,7 @@ class Gateway:
             for channel in channels:
                 if channel not in session.positions:
                     try:
-                        session.positions[channel] = await self.bus.current_position(channel)
+                        session.seed_position(channel, await self.bus.current_position(channel))
                     except Exception:
                         logger.debug("no current position for %r", channel, exc_info=True)
         new: list[str] = []
@@ -613,7 +672,12 @@ class Gateway:
         if session is None:
             return
         for channel in channels:
-            if await self.presence.join(channel, session.principal, local.connection_id):
+            try:
+                first = await self.presence.join(channel, session.principal, local.connection_id)
+            except Exception:  # presence is advisory: its backend failing must not drop the client
+                logger.warning("presence join failed on %r", channel, exc_info=True)
+                continue
+            if first:
                 await self._announce(channel, session.principal, "online")
 
     async def _presence_leave(self, local: _Local, channels: Iterable[str]) -> None:
@@ -621,15 +685,25 @@ class Gateway:
         if session is None:
             return
         for channel in channels:
-            if await self.presence.leave(channel, session.principal, local.connection_id):
+            try:
+                last = await self.presence.leave(channel, session.principal, local.connection_id)
+            except Exception:  # the lease expires on its own
+                logger.warning("presence leave failed on %r", channel, exc_info=True)
+                continue
+            if last:
                 await self._announce(channel, session.principal, "offline")
 
     async def _announce(
         self, channel: str, principal: Principal, status: Literal["online", "offline"]
     ) -> None:
+        await self._announce_identity(channel, principal.identity(), status)
+
+    async def _announce_identity(
+        self, channel: str, identity: dict[str, Any], status: Literal["online", "offline"]
+    ) -> None:
         if not self.announce_presence:
             return
-        data = PresenceUpdatePayload(channel=channel, user=principal.identity(), status=status)
+        data = PresenceUpdatePayload(channel=channel, user=identity, status=status)
         payload = encode_event(
             id=self._ids.next_str(), type="PRESENCE_UPDATE", channel=channel, data=data, ephemeral=True
         )
@@ -645,10 +719,19 @@ class Gateway:
         if session is None:
             return
         local.attached = False
+        self._dirty.discard(local)
         with anyio.CancelScope(shield=True):
             await self._presence_leave(local, session.channels)
-            if core.resumable and self._accepting:
+            if core.resumable:
                 local.expires_at = self._clock() + self.config.resume_window
+                # The full record, so that a RESUME landing on another node (no sticky
+                # sessions) replays exactly, without duplicates.
+                with anyio.move_on_after(self.drain_timeout):
+                    try:
+                        record = SessionRecord.from_state(session, self._record_expiry(), self.node_id)
+                        await self.session_store.save(record)
+                    except Exception:
+                        logger.warning("saving session %s on disconnect failed", session.session_id)
             elif not core.resumable:
                 await self._drop_session(local, session.session_id, session.channels)
 
@@ -703,10 +786,73 @@ class Gateway:
             elif local.attached:
                 local.wake()
 
+    def _record_expiry(self) -> float:
+        return time.time() + self.config.resume_window
+
+    async def _still_owner(self, session_id: str) -> bool:
+        """Claim ``session_id`` for this node; ``False`` if another node held it meanwhile."""
+        try:
+            previous = await self.session_store.claim(session_id, self.node_id, self._record_expiry())
+        except Exception:
+            # Store down: serve the local copy (availability); ownership is rechecked on the
+            # next checkpoint write, which a node that lost the session gets refused.
+            logger.warning("session store unavailable; resuming %s from memory", session_id)
+            return True
+        return previous is None or previous == self.node_id
+
+    async def _checkpoint_loop(self) -> None:
+        """Write the checkpoints of connected sessions in batches: the dirty ones every
+        ``checkpoint_interval``, and every session at least every third of the resume window
+        (so its record outlives it). Never one store write per dispatch."""
+        refresh = self.config.resume_window / 3
+        while True:
+            await anyio.sleep(self.checkpoint_interval)
+            now = self._clock()
+            due = {
+                local
+                for local in self._sessions.values()
+                if local.attached and now - local.checkpointed_at >= refresh
+            }
+            due |= self._dirty
+            self._dirty = set()
+            expires_at = self._record_expiry()
+            batch: list[_Local] = []
+            records: list[SessionRecord] = []
+            for local in due:
+                session = local.core.session
+                if local.attached and session is not None and local.core.state is ConnectionState.CONNECTED:
+                    batch.append(local)
+                    records.append(SessionRecord.checkpoint_of(session, expires_at, self.node_id))
+            if not batch:
+                continue
+            try:
+                with anyio.fail_after(max(self.checkpoint_interval, 2.0)):
+                    saved = await self.session_store.save_many(records)
+            except Exception:
+                logger.warning("checkpoint of %d sessions failed; retrying", len(batch), exc_info=True)
+                self._dirty.update(batch)
+                continue
+            for local, ok in zip(batch, saved, strict=True):
+                local.checkpointed_at = now
+                if not ok and local.core.session is not None:
+                    # Another node took the session over (this connection is a zombie).
+                    session = local.core.session
+                    self._after(
+                        local, local.core.force_close(4000, "session resumed elsewhere", resumable=False)
+                    )
+                    await self._drop_session(local, session.session_id, session.channels)
+
     async def _expiry_loop(self) -> None:
         period = min(1.0, self.config.resume_window / 4)
         while True:
             await anyio.sleep(period)
+            try:
+                expired = await self.presence.sweep()
+            except Exception:
+                logger.warning("presence sweep failed", exc_info=True)
+                expired = []
+            for channel, identity in expired:
+                await self._announce_identity(channel, identity, "offline")
             now = self._clock()
             for session_id, local in list(self._sessions.items()):
                 if not local.attached and local.expires_at <= now:

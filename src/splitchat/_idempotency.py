@@ -26,10 +26,15 @@ import msgspec
 __all__ = (
     "ClaimResult",
     "IdempotencyStore",
+    "IdempotencyStoreUnavailable",
     "InMemoryIdempotencyStore",
     "StoredResponse",
     "request_fingerprint",
 )
+
+
+class IdempotencyStoreUnavailable(Exception):
+    """The store's backend cannot be reached; the command endpoint answers 503 (safe to retry)."""
 
 
 class StoredResponse(msgspec.Struct, frozen=True, gc=False):

@@ -60,11 +60,16 @@ class ReadyPayload(msgspec.Struct):
     denied: list[str]
 
 
-class ResumedPayload(msgspec.Struct, gc=False):
-    """RESUMED ``d``: how many missed dispatches were replayed, how many ephemeral ones skipped."""
+class ResumedPayload(msgspec.Struct, gc=False, omit_defaults=True):
+    """RESUMED ``d``: how many missed dispatches were replayed, how many ephemeral ones skipped.
+
+    ``duplicates_possible`` is present (true) only after a resume from a crash checkpoint: events
+    between the checkpoint and the client's seq are sent again, and clients drop them by event id.
+    """
 
     replayed: int
     skipped_ephemeral: int
+    duplicates_possible: bool = False
 
 
 class SubscribedPayload(msgspec.Struct):

@@ -2,9 +2,10 @@
 
 A principal counts once per channel however many sessions (tabs, devices) it has there:
 :meth:`Presence.join` reports only the first connection and :meth:`Presence.leave` only the
-last, which is exactly when the gateway dispatches ``PRESENCE_UPDATE``. A Redis implementation
-would keep a hash per channel of connection leases (refreshed by heartbeats) so that a crashed
-node's connections expire instead of staying "online" forever.
+last, which is exactly when the gateway dispatches ``PRESENCE_UPDATE``. The Redis implementation
+(``splitchat.redis.RedisPresence``) keeps per-connection leases that their node refreshes, so a
+crashed node's connections expire instead of staying "online" forever; :meth:`Presence.sweep`
+reports the principals whose last lease ran out, and the gateway announces them offline.
 """
 
 from __future__ import annotations
@@ -31,6 +32,13 @@ class Presence(abc.ABC):
     @abc.abstractmethod
     async def members(self, channel: str) -> list[dict[str, Any]]:
         """The public identities of the principals present in ``channel``."""
+
+    async def sweep(self) -> list[tuple[str, dict[str, Any]]]:
+        """Housekeeping, called about once a second by every gateway: refresh this node's
+        leases and expire dead ones. Returns ``(channel, identity)`` for each principal whose
+        last connection expired (exactly once across nodes), to be announced offline.
+        The in-memory presence has nothing to expire."""
+        return []
 
 
 class InMemoryPresence(Presence):

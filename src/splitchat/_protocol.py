@@ -45,6 +45,7 @@ __all__ = (
     "Action",
     "Authenticate",
     "AuthorizeChannels",
+    "Checkpoint",
     "Close",
     "CloseCode",
     "ConnectionState",
@@ -179,7 +180,13 @@ class Unsubscribe:
     channels: tuple[str, ...]
 
 
-Action = Close | Authenticate | ResumeLookup | AuthorizeChannels | Subscribe | Unsubscribe
+@dataclass(frozen=True)
+class Checkpoint:
+    """The session's crash checkpoint changed (READY, subscriptions, a client acknowledgement):
+    the I/O layer marks it dirty and writes it to the shared session store in its next batch."""
+
+
+Action = Close | Authenticate | ResumeLookup | AuthorizeChannels | Subscribe | Unsubscribe | Checkpoint
 
 
 class ConnectionState(enum.Enum):
@@ -196,13 +203,20 @@ class SessionState:
     """What a session is, independent of any one connection: the part that resume restores.
 
     ``seq`` is the last sequence number assigned; ``buffer`` holds the non-ephemeral dispatches
-    with their seq and time (bounded by count, bytes and the resume window); every seq ``<=
-    buffer_floor`` has been evicted, so a RESUME from below it cannot be served.
-    ``positions`` is the last delivered bus position per channel: the seam for a resume that
-    rebuilds missed events from bus history, and the dedupe key at every seam.
+    with their seq, time and the channel's *previous* bus position (bounded by count, bytes and
+    the resume window); every seq ``<= buffer_floor`` has been evicted, so a RESUME from below it
+    cannot be served. ``positions`` is the last delivered bus position per channel: the seam for
+    a resume that rebuilds missed events from bus history, and the dedupe key at every seam.
+
+    ``acked_seq`` / ``acked_positions`` are the crash checkpoint: the highest seq the client
+    acknowledged (HEARTBEAT ``d``) and, per channel, a bus position at or before the last event
+    the client has at that seq. Everything after those positions is in bus history, so a node
+    that never saw this session can rebuild it if this node dies.
     """
 
     __slots__ = (
+        "acked_positions",
+        "acked_seq",
         "buffer",
         "buffer_bytes",
         "buffer_floor",
@@ -219,9 +233,11 @@ class SessionState:
         self.channels: set[str] = set()
         self.seq = 0
         self.positions: dict[str, Position] = {}
-        self.buffer: deque[tuple[int, float, Dispatch]] = deque()
+        self.buffer: deque[tuple[int, float, Dispatch, Position | None]] = deque()
         self.buffer_bytes = 0
         self.buffer_floor = 0
+        self.acked_seq = 0
+        self.acked_positions: dict[str, Position] = {}
 
     def is_duplicate(self, dispatch: Dispatch) -> bool:
         """Whether this bus event was already given a seq in this session (seam dedupe)."""
@@ -231,13 +247,27 @@ class SessionState:
         last = self.positions.get(dispatch.channel)
         return last is not None and last.epoch == position.epoch and position.offset <= last.offset
 
+    def seed_position(self, channel: str, position: Position) -> None:
+        """A channel's resume seam before its first delivery (read when the channel is routed)."""
+        if channel not in self.positions:
+            self.positions[channel] = position
+            # Nothing of this channel was dispatched yet, so the seam is also the checkpoint.
+            self.acked_positions.setdefault(channel, position)
+
+    def forget_channel(self, channel: str) -> None:
+        """The session left ``channel``: drop its positions."""
+        self.positions.pop(channel, None)
+        self.acked_positions.pop(channel, None)
+
     def assign(self, dispatch: Dispatch, now: float, config: GatewayConfig) -> int:
         """Give ``dispatch`` the next seq, remember it for replay, and return the seq."""
         self.seq += 1
+        previous: Position | None = None
         if dispatch.position is not None and dispatch.channel is not None:
+            previous = self.positions.get(dispatch.channel)
             self.positions[dispatch.channel] = dispatch.position
         if not dispatch.ephemeral:
-            self.buffer.append((self.seq, now, dispatch))
+            self.buffer.append((self.seq, now, dispatch, previous))
             self.buffer_bytes += dispatch.approximate_size()
         self.trim(now, config)
         return self.seq
@@ -251,13 +281,51 @@ class SessionState:
             or self.buffer_bytes > config.replay_bytes
             or buffer[0][1] < horizon
         ):
-            seq, _, old = buffer.popleft()
+            seq, _, old, _ = buffer.popleft()
             self.buffer_bytes -= old.approximate_size()
             self.buffer_floor = seq
 
     def replay_after(self, seq: int) -> list[tuple[int, Dispatch]]:
         """The buffered dispatches after ``seq``, oldest first (caller checks ``buffer_floor``)."""
-        return [(s, d) for s, _, d in self.buffer if s > seq]
+        return [(s, d) for s, _, d, _ in self.buffer if s > seq]
+
+    def positions_at(self, seq: int) -> dict[str, Position] | None:
+        """Per channel, the bus position of the last event dispatched at or before ``seq``.
+
+        Pure arithmetic on the buffer: the channel's current position, unless an event of the
+        channel was dispatched after ``seq``, in which case the position *before* the first such
+        event (kept in its buffer entry). ``None`` when ``seq`` is below the buffer floor (the
+        evicted entries' previous positions are gone) or beyond the last assigned seq.
+        """
+        if seq < self.buffer_floor or seq > self.seq:
+            return None
+        result = {c: p for c, p in self.positions.items() if c in self.channels}
+        rewound: set[str] = set()
+        for s, _, dispatch, previous in self.buffer:
+            channel = dispatch.channel
+            if s <= seq or dispatch.position is None or channel is None or channel in rewound:
+                continue
+            rewound.add(channel)
+            if previous is None:
+                result.pop(channel, None)  # no seam known: this channel cannot be checkpointed
+            elif channel in result:
+                result[channel] = previous
+        return result
+
+    def acknowledge(self, seq: int) -> bool:
+        """The client has everything up to ``seq``: advance the checkpoint; ``True`` if it moved.
+
+        A stale, bogus or unanswerable ack (below the buffer floor) leaves the older checkpoint,
+        which is still correct, only further back.
+        """
+        if seq <= self.acked_seq:
+            return False
+        positions = self.positions_at(seq)
+        if positions is None:
+            return False
+        self.acked_seq = seq
+        self.acked_positions = positions
+        return True
 
 
 class _Out:
@@ -295,6 +363,7 @@ class GatewayConnection:
         self._budget_count = 0
         self._pending_identify: tuple[str, ...] | None = None  # channels asked in IDENTIFY
         self._resume_seq = 0
+        self._duplicates_possible = False  # the resume rebuilt a crash checkpoint
         self._catch_up: list[Dispatch] = []  # live deliveries held while a resume catches up
         self._outbox: deque[_Out] = deque()
         self.outbox_bytes = 0
@@ -441,6 +510,8 @@ class GatewayConnection:
         session.channels.update(accepted)
         if accepted:
             self._actions.append(Subscribe(tuple(accepted)))
+            if self.state is not ConnectionState.AUTHENTICATING:
+                self._actions.append(Checkpoint())  # (READY below adds its own)
         if self.state is ConnectionState.AUTHENTICATING:
             self._ready(accepted, denied, now)
         else:
@@ -449,16 +520,33 @@ class GatewayConnection:
             )
         return self._take()
 
-    def resume_begin(self, session: SessionState, now: float) -> list[Action]:
+    def resume_begin(
+        self, session: SessionState, now: float, *, from_checkpoint: bool = False
+    ) -> list[Action]:
         """Answer to :class:`ResumeLookup`: the session was found and the token matches it.
 
         From now on live deliveries are held until :meth:`resume_complete` (the seam).
+
+        ``from_checkpoint``: ``session`` is a crash checkpoint (its host died), whose ``seq`` is
+        the seq the client had acknowledged (``A``) and whose positions are those at ``A``. The
+        client may have received more (up to its ``seq`` ``N >= A``) from the dead node: the
+        session continues numbering at ``N + 1`` and everything after the checkpoint positions
+        is re-sent, so events between ``A`` and ``N`` arrive twice (same event ``id``; clients
+        dedupe by id) and RESUMED says ``"duplicates_possible": true``.
         """
         if self.state is not ConnectionState.RESUMING:
             return []
         self.session = session
         self._catch_up = []
-        if self._resume_seq > session.seq:
+        self._duplicates_possible = False
+        if from_checkpoint and self._resume_seq >= session.seq >= 0:
+            session.seq = session.buffer_floor = self._resume_seq
+            session.buffer.clear()
+            session.buffer_bytes = 0
+            self._duplicates_possible = True
+        if from_checkpoint and not self._duplicates_possible:
+            self._invalid_session()  # the client is behind what it acknowledged: not resumable
+        elif self._resume_seq > session.seq:
             self._close(CloseCode.INVALID_SEQ, "seq is ahead of the session", resumable=False)
         elif self._resume_seq < session.buffer_floor or self._resume_seq < 1:
             self._invalid_session()
@@ -472,6 +560,9 @@ class GatewayConnection:
             return self._take()
         replay = session.replay_after(self._resume_seq)
         skipped = session.seq - self._resume_seq - len(replay)
+        # The client has everything up to its seq: that is the new host's first checkpoint.
+        session.acknowledge(self._resume_seq)
+        self._actions.append(Checkpoint())
         self.state = ConnectionState.CONNECTED
         for seq, dispatch in replay:
             self._push(dispatch.render(self.encoding, seq), dispatch.approximate_size(), False)
@@ -480,12 +571,10 @@ class GatewayConnection:
             if dispatch.channel in session.channels and not session.is_duplicate(dispatch):
                 self._dispatch(dispatch, now)
                 replayed += 1
-        self._dispatch(
-            Dispatch.of(
-                "RESUMED", ResumedPayload(replayed=replayed, skipped_ephemeral=skipped), ephemeral=True
-            ),
-            now,
+        resumed = ResumedPayload(
+            replayed=replayed, skipped_ephemeral=skipped, duplicates_possible=self._duplicates_possible
         )
+        self._dispatch(Dispatch.of("RESUMED", resumed, ephemeral=True), now)
         held, self._catch_up = self._catch_up, []
         for dispatch in held:
             if not session.is_duplicate(dispatch):
@@ -522,6 +611,15 @@ class GatewayConnection:
     def _on_heartbeat(self, frame: ClientFrame, now: float) -> None:
         self._heartbeat_deadline = now + 1.5 * self.config.heartbeat_interval
         self._control(Op.HEARTBEAT_ACK, None)
+        # ``d`` is the last seq the client received: the crash checkpoint may move up to it.
+        session = self.session
+        if (
+            session is not None
+            and self.state is ConnectionState.CONNECTED
+            and type(frame.d) is int
+            and session.acknowledge(frame.d)
+        ):
+            self._actions.append(Checkpoint())
 
     def _on_identify(self, frame: ClientFrame, now: float) -> None:
         d = frame.d
@@ -568,9 +666,10 @@ class GatewayConnection:
         gone = tuple(c for c in channels if c in self.session.channels)
         self.session.channels.difference_update(gone)
         for channel in gone:
-            self.session.positions.pop(channel, None)
+            self.session.forget_channel(channel)
         if gone:
             self._actions.append(Unsubscribe(gone))
+            self._actions.append(Checkpoint())
         self._dispatch(Dispatch.of("UNSUBSCRIBED", UnsubscribedPayload(channels=list(gone))), now)
 
     def _not_authenticated(self, frame: ClientFrame, now: float) -> None:
@@ -619,6 +718,7 @@ class GatewayConnection:
             denied=denied,
         )
         self._dispatch(Dispatch.of("READY", ready), now)
+        self._actions.append(Checkpoint())
 
     def _invalid_session(self) -> None:
         self.session = None

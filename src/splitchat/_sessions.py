@@ -7,7 +7,15 @@ node which does not host the session takes it from here and rebuilds what happen
 snapshot from ``bus.history(channel, since=positions[channel])``.
 
 A :class:`SessionRecord` is a plain msgspec struct (buffer entries carry the raw JSON of each ``d``),
-so a Redis-backed store is ``SET key msgpack(record) PXAT expires`` / ``GETDEL key``.
+so a Redis-backed store is ``SET key msgpack(record) PXAT expires`` / ``GETDEL key``
+(``splitchat.redis.RedisSessionStore``).
+
+Crash safety: a node also writes *checkpoints* of its attached sessions (``checkpoint=True``:
+the seq the client acknowledged and the bus positions at that seq, no buffer), batched, so a
+RESUME after the node died can rebuild the session from bus history. Every record names its
+``owner`` (the node hosting the session); :meth:`SessionStore.claim` moves ownership, and a
+store that tracks it refuses writes from a node that lost the session to another one, so a
+zombie connection on the old node can never overwrite the live session's record.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from __future__ import annotations
 import abc
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import msgspec
 
@@ -37,6 +45,7 @@ class BufferedDispatch(msgspec.Struct, frozen=True, kw_only=True):
     channel: str | None = None
     nonce: str | None = None
     position: Position | None = None
+    previous: Position | None = None  # the channel's position before this event (checkpoints)
 
 
 class SessionRecord(msgspec.Struct, kw_only=True):
@@ -45,6 +54,11 @@ class SessionRecord(msgspec.Struct, kw_only=True):
     ``seq`` is the last sequence number the session assigned, ``buffer_floor`` the highest seq
     no longer replayable, ``positions`` the last delivered bus position per channel and
     ``expires_at`` a wall-clock (``time.time()``) deadline, shared by all nodes.
+
+    A *checkpoint* (``checkpoint=True``, written periodically while the session is connected)
+    instead has ``seq`` = the seq the client acknowledged, ``positions`` at that seq and no
+    buffer: see :meth:`GatewayConnection.resume_begin`'s ``from_checkpoint``. ``owner`` is the
+    node that wrote the record.
     """
 
     session_id: str
@@ -55,10 +69,12 @@ class SessionRecord(msgspec.Struct, kw_only=True):
     positions: dict[str, Position]
     buffer: list[BufferedDispatch]
     expires_at: float
+    owner: str = ""
+    checkpoint: bool = False
 
     @classmethod
-    def from_state(cls, state: SessionState, expires_at: float) -> SessionRecord:
-        """Snapshot a live session."""
+    def from_state(cls, state: SessionState, expires_at: float, owner: str = "") -> SessionRecord:
+        """Snapshot a live session (complete: buffer included)."""
         buffer = [
             BufferedDispatch(
                 seq=seq,
@@ -68,8 +84,9 @@ class SessionRecord(msgspec.Struct, kw_only=True):
                 channel=d.channel,
                 nonce=d.nonce,
                 position=d.position,
+                previous=previous,
             )
-            for seq, _, d in state.buffer
+            for seq, _, d, previous in state.buffer
         ]
         return cls(
             session_id=state.session_id,
@@ -80,6 +97,23 @@ class SessionRecord(msgspec.Struct, kw_only=True):
             positions=dict(state.positions),
             buffer=buffer,
             expires_at=expires_at,
+            owner=owner,
+        )
+
+    @classmethod
+    def checkpoint_of(cls, state: SessionState, expires_at: float, owner: str = "") -> SessionRecord:
+        """The session's crash checkpoint: acknowledged seq and positions, no buffer (small)."""
+        return cls(
+            session_id=state.session_id,
+            principal=state.principal,
+            channels=sorted(state.channels),
+            seq=state.acked_seq,
+            buffer_floor=state.acked_seq,
+            positions={c: p for c, p in state.acked_positions.items() if c in state.channels},
+            buffer=[],
+            expires_at=expires_at,
+            owner=owner,
+            checkpoint=True,
         )
 
     def to_state(self, now: float) -> SessionState:
@@ -99,7 +133,7 @@ class SessionRecord(msgspec.Struct, kw_only=True):
                 nonce=item.nonce,
                 position=item.position,
             )
-            state.buffer.append((item.seq, now, dispatch))
+            state.buffer.append((item.seq, now, dispatch, item.previous))
             state.buffer_bytes += dispatch.approximate_size()
         return state
 
@@ -119,6 +153,21 @@ class SessionStore(abc.ABC):
     async def discard(self, session_id: str) -> None:
         """Forget a session (it ended or was resumed elsewhere)."""
 
+    async def claim(self, session_id: str, owner: str, expires_at: float) -> str | None:
+        """Make ``owner`` the session's host until ``expires_at``; return the previous owner.
+
+        From then on records of this session written by another owner are refused. The default
+        tracks nothing and returns ``None`` (a store without ownership: fine for one node).
+        """
+        return None
+
+    async def save_many(self, records: Sequence[SessionRecord]) -> list[bool]:
+        """Save a batch (checkpoints); per record, ``False`` if refused because its ``owner`` lost
+        the session to another node. The default saves one by one and refuses nothing."""
+        for record in records:
+            await self.save(record)
+        return [True] * len(records)
+
 
 class InMemorySessionStore(SessionStore):
     """Process-local store, bounded by ``max_sessions`` (oldest evicted first).
@@ -131,14 +180,49 @@ class InMemorySessionStore(SessionStore):
         self.max_sessions = max_sessions
         self._clock = clock
         self._records: OrderedDict[str, SessionRecord] = OrderedDict()
+        self._owners: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._records)
 
+    def _owned_by_other(self, record: SessionRecord) -> bool:
+        held = self._owners.get(record.session_id)
+        return held is not None and bool(record.owner) and held[0] != record.owner and held[1] > self._clock()
+
+    async def claim(self, session_id: str, owner: str, expires_at: float) -> str | None:
+        held = self._owners.pop(session_id, None)
+        self._owners[session_id] = (owner, expires_at)
+        while len(self._owners) > self.max_sessions:
+            self._owners.popitem(last=False)
+        return held[0] if held is not None and held[1] > self._clock() else None
+
+    async def save_many(self, records: Sequence[SessionRecord]) -> list[bool]:
+        results = []
+        for record in records:
+            refused = self._owned_by_other(record)
+            if not refused:
+                await self.save(record)
+            results.append(not refused)
+        return results
+
     async def save(self, record: SessionRecord) -> None:
+        if self._owned_by_other(record):
+            return  # a node that lost the session must not overwrite the new host's record
+        if record.owner:
+            self._owners.pop(record.session_id, None)
+            self._owners[record.session_id] = (record.owner, record.expires_at)
+            while len(self._owners) > self.max_sessions:
+                self._owners.popitem(last=False)
         self._records.pop(record.session_id, None)
         self._records[record.session_id] = record
-        while len(self._records) > self.max_sessions:
+        # Records are kept in write order and all live for about one resume window, so the
+        # expired ones sit at the front: drop them here (amortised O(1)), so that memory follows
+        # the sessions of the last resume window, not max_sessions.
+        now = self._clock()
+        while self._records:
+            oldest = next(iter(self._records.values()))
+            if oldest.expires_at > now and len(self._records) <= self.max_sessions:
+                break
             self._records.popitem(last=False)
 
     async def take(self, session_id: str) -> SessionRecord | None:
@@ -149,3 +233,4 @@ class InMemorySessionStore(SessionStore):
 
     async def discard(self, session_id: str) -> None:
         self._records.pop(session_id, None)
+        self._owners.pop(session_id, None)

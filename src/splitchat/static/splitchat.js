@@ -130,6 +130,11 @@ export class SplitchatClient {
     this._onOnline = null;
     this._everReady = false;
     this._needsResync = false;
+    // Ids of recently delivered bus events, oldest first (a Set keeps insertion order). A resume
+    // on another node after a crash may re-send events the app already has, under new sequence
+    // numbers ("duplicates_possible" in RESUMED); the stable event id catches them.
+    this._recentIds = new Set();
+    this._recentIdsMax = 8192;
   }
 
   // ---- events --------------------------------------------------------------------------------
@@ -391,6 +396,13 @@ export class SplitchatClient {
       // A replay may overlap with what we already saw; never deliver a sequence number twice.
       if (this.seq !== null && frame.s <= this.seq && frame.t !== "READY") return;
       this.seq = frame.s;
+    }
+    if (typeof frame.id === "string") {
+      if (this._recentIds.has(frame.id)) return; // the same event already reached the app
+      this._recentIds.add(frame.id);
+      if (this._recentIds.size > this._recentIdsMax) {
+        this._recentIds.delete(this._recentIds.values().next().value);
+      }
     }
     if (frame.t === "READY") {
       this.sessionId = frame.d.session_id;
