@@ -453,13 +453,26 @@ class NatsBus(Bus):
     async def _attach(self, sub: LocalSubscription, channels: list[str]) -> None:
         if not self._running:
             raise BusUnavailable("the NATS bus is not running")
-        # No round trip needed: the consumer sees every channel in stream order, so whatever it
-        # hands over after this point was published after (or while) we attached.
+        # The process-wide consumer may still be behind the stream: an event accepted before this
+        # call may not have been read yet. For a channel the consumer does not track yet, ask the
+        # server for its newest message, so such earlier events are not handed to this subscriber.
+        floors: dict[str, Position | None] = {}
+        for name in channels:
+            state = self._channels.get(name)
+            if state is not None and state.epoch is not None:
+                floors[name] = Position(state.epoch, state.offset)
+                continue
+            try:
+                with anyio.fail_after(self.timeout * 2):
+                    last = await self._fetch_last(name)
+            except (nats.errors.Error, OSError, TimeoutError) as exc:
+                raise BusUnavailable(f"NATS is unreachable: {exc!r}") from exc
+            floors[name] = None if last is None else Position(last.epoch, last.offset)
         for name in channels:
             state = self._channels.get(name)
             if state is None:
                 state = self._channels[name] = _ChannelState()
-            sub.floor[name] = Position(state.epoch, state.offset) if state.epoch is not None else None
+            sub.floor[name] = floors[name]
             state.subs.add(sub)
 
     def _detach(self, sub: LocalSubscription, channels: Iterable[str]) -> None:
