@@ -58,10 +58,14 @@ _ENSURE_EPOCH = """
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 local offset = tonumber(redis.call('HGET', KEYS[2], 'offset') or '0')
 if (not epoch) or (offset > 0 and redis.call('EXISTS', KEYS[1]) == 0) then
+  -- 'first': the channel had no meta at all, so this epoch holds every event published
+  -- since a reader saw the channel empty (see EMPTY_EPOCH in redis.py).
+  local origin = 'first'
+  if epoch then origin = 'reset' end
   epoch = ARGV[1]
   offset = 0
   redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[2], 'epoch', epoch, 'offset', 0)
+  redis.call('HSET', KEYS[2], 'epoch', epoch, 'offset', 0, 'origin', origin)
 end
 local ttl = tonumber(ARGV[2])
 if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
@@ -80,8 +84,11 @@ return {epoch, offset}
 """
 )
 
-# KEYS: stream, meta. ARGV: fresh epoch, ttl ms.
-_CURRENT = _ENSURE_EPOCH + "\nreturn {epoch, offset}\n"
+#: Epoch of the position of a channel that has no meta hash (never published, or forgotten).
+#: Reading a position must not write (channel names are client-chosen: a write per name would
+#: grow Redis without bound), so an empty channel has no real epoch yet; this constant never
+#: equals a real one (12 hex chars). ``history`` accepts it as "since the channel was empty".
+EMPTY_EPOCH = "empty"
 
 _CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
@@ -275,7 +282,6 @@ class RedisBus(Bus):
             except RedisError as exc:
                 raise BusUnavailable(f"Redis at {self._where()} is unreachable: {exc}") from exc
             self._publish_script = self._client.register_script(_PUBLISH)
-            self._current_script = self._client.register_script(_CURRENT)
             # Plain asyncio tasks, not a task group: redis-py is asyncio-only anyway, and
             # close() must work from any task (a task group must be exited where it was entered).
             tasks = [asyncio.create_task(self._read_loop()), asyncio.create_task(self._ephemeral_loop())]
@@ -343,16 +349,15 @@ class RedisBus(Bus):
             raise BusUnavailable(f"Redis at {self._where()} is unreachable: {exc!r}") from exc
 
     async def current_position(self, channel: str) -> Position:
-        self._check_running()
+        client = self._check_running()
         try:
             with anyio.fail_after(self.timeout * 2):
-                epoch, offset = await self._current_script(
-                    keys=[self.stream_key(channel), self.meta_key(channel)],
-                    args=[secrets.token_hex(6), self._ttl_ms],
-                )
+                epoch_raw, offset_raw = await client.hmget(self.meta_key(channel), ["epoch", "offset"])
         except (RedisError, OSError, TimeoutError) as exc:
             raise BusUnavailable(f"Redis at {self._where()} is unreachable: {exc!r}") from exc
-        return Position(_text(epoch), int(offset))
+        if epoch_raw is None:
+            return Position(EMPTY_EPOCH, 0)
+        return Position(_text(epoch_raw), int(offset_raw or 0))
 
     async def history(self, channel: str, since: Position, limit: int = 100) -> Sequence[Delivery]:
         client = self._check_running()
@@ -361,11 +366,18 @@ class RedisBus(Bus):
         try:
             with anyio.fail_after(self.timeout * 2):
                 async with client.pipeline(transaction=True) as pipe:
-                    pipe.hmget(self.meta_key(channel), ["epoch", "offset"])
+                    pipe.hmget(self.meta_key(channel), ["epoch", "offset", "origin"])
                     pipe.xrange(self.stream_key(channel), min=f"{since.offset + 1}-0", count=max(limit, 1))
-                    (epoch_raw, offset_raw), entries = await pipe.execute()
+                    (epoch_raw, offset_raw, origin_raw), entries = await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
             raise BusUnavailable(f"Redis at {self._where()} is unreachable: {exc!r}") from exc
+        if since.epoch == EMPTY_EPOCH and since.offset == 0:
+            if epoch_raw is None:
+                return []  # still empty
+            if origin_raw is None or _text(origin_raw) != "first":
+                # The epoch was restarted (stream lost): events of the one before are gone.
+                raise HistoryGone(f"channel {channel!r} was reset since {since}")
+            since = Position(_text(epoch_raw), 0)  # everything of the channel's first epoch
         if epoch_raw is None or _text(epoch_raw) != since.epoch:
             raise HistoryGone(f"position {since} is not of the current epoch of {channel!r}")
         last = int(offset_raw or 0)
