@@ -346,3 +346,21 @@ def test_client_frame_budget_keeps_a_margin_and_slides() -> None:
     # Two sent, one frame of margin kept: the third waits until the first leaves the window.
     assert budget.wait_time(2.0) == pytest.approx(8.0)
     assert budget.wait_time(10.0) == 0.0
+
+
+def test_identify_and_resume_actions_never_show_the_token_in_reprs() -> None:
+    secret = "s3cret-token-value"
+    session = ClientSession(token=secret, subscriptions=["room:1"], rng=random.Random(7))
+    session.connection_opened()
+    identify = sends(session.receive(HELLO, 0.0))
+    session.receive(ready(), 0.0)
+    session.connection_lost(1006)
+    session.connection_opened()
+    resume = sends(session.receive(HELLO, 1.0))
+    assert [f.op for f in identify + resume] == [Opcode.IDENTIFY, Opcode.RESUME]
+    for frame in identify + resume:
+        assert secret not in repr(frame) and secret not in str([frame]) and "<redacted>" in repr(frame)
+        assert secret not in repr(frame.__rich_repr__())
+        # ...while what goes on the wire still authenticates.
+        assert frame.d["token"] == secret
+        assert secret in str(FrameCodec("json").encode(frame.op, frame.d))
