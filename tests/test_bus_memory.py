@@ -161,3 +161,39 @@ def test_position_text_round_trip() -> None:
     assert Position.parse(str(p)) == p
     with pytest.raises(ValueError):
         Position.parse("nope")
+
+
+async def test_client_chosen_channel_names_do_not_accumulate_state() -> None:
+    async with InMemoryBus() as bus:
+        kept = await bus.publish("room:kept", b"x")
+        sub = bus.subscribe()
+        for i in range(500):
+            junk = f"junk:{i}"
+            assert await bus.current_position(junk) == Position(bus.epoch, 0)
+            assert await bus.history(junk, Position(bus.epoch, 0)) == []
+            with pytest.raises(HistoryGone):
+                await bus.history(junk, Position(bus.epoch, 3))
+            await bus.publish_ephemeral(junk, b"typing")
+            await sub.add([junk])
+            await bus.publish_ephemeral(junk, b"typing")
+            await sub.remove([junk])
+        other = bus.subscribe([f"junk:{i}" for i in range(100)])
+        await other.aclose()
+        # Only the channel that was published to remains (its offset counter must continue).
+        assert set(bus._channels) == {"room:kept"}
+        await sub.aclose()
+        assert await bus.publish("room:kept", b"y") == Position(kept.epoch, kept.offset + 1)
+
+
+async def test_published_channel_keeps_its_offsets_after_subscribers_leave() -> None:
+    async with InMemoryBus(history_size=1) as bus:
+        async with bus.subscribe(["room"]) as sub:
+            first = await bus.publish("room", b"1")
+            with anyio.fail_after(5):
+                assert (await sub.receive()).payload == b"1"
+        second = await bus.publish("room", b"2")
+        assert second == Position(first.epoch, first.offset + 1)
+        # An unknown channel's position is a valid starting point once it gets events.
+        start = await bus.current_position("fresh")
+        published = await bus.publish("fresh", b"a")
+        assert [d.position for d in await bus.history("fresh", start)] == [published]

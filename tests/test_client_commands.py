@@ -9,6 +9,8 @@ import httpx
 import pytest
 
 from splitchat.client import CommandError, CommandFailed, RetryPolicy, SplitchatClient
+from splitchat.client._backoff import FullJitterBackoff
+from splitchat.client._commands import retry_hint, send_command
 
 
 class ScriptedServer:
@@ -86,17 +88,50 @@ async def test_nonce_from_argument_or_body_is_the_idempotency_key() -> None:
     assert server.keys == ["given", "in-body"]
 
 
-async def test_retry_after_hint_is_honoured(anyio_backend: str) -> None:
-    import anyio
-
+async def test_retry_hint_waits_exactly_the_precise_body_value() -> None:
     server = ScriptedServer(
-        [httpx.Response(429, json={"retry_after": 0.3}, headers={"Retry-After": "1"}), ok_response()]
+        [
+            httpx.Response(
+                429, json={"retry_after": 0.3}, headers={"Retry-After": "1", "X-RateLimit-Reset-After": "0.5"}
+            ),
+            httpx.Response(503, headers={"Retry-After": "2", "X-RateLimit-Reset-After": "0.7"}),
+            httpx.Response(503, headers={"Retry-After": "4"}),
+            httpx.Response(429, json={"retry_after": 3600.0}),
+            ok_response(),
+        ]
     )
-    async with client_for(server) as client:
-        started = anyio.current_time()
-        await client.send("POST", "/x", {})
-        # The largest hint wins (Retry-After is whole seconds, the body is precise but smaller).
-        assert anyio.current_time() - started >= 1.0
+    slept: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(server), base_url="http://t") as http:
+        receipt = await send_command(
+            http,
+            "POST",
+            "/x",
+            {},
+            policy=RetryPolicy(max_retry_after=10.0, deadline=1e6),
+            backoff=FullJitterBackoff(0.01, 0.02, rng=random.Random(1)),
+            sleep=fake_sleep,
+        )
+    assert receipt.attempts == 5
+    # body retry_after, else X-RateLimit-Reset-After, else Retry-After; capped at max_retry_after.
+    assert slept == [0.3, 0.7, 4.0, 10.0]
+
+
+def _response(body: object, headers: dict[str, str]) -> httpx.Response:
+    return httpx.Response(429, json=body, headers=headers)
+
+
+def test_retry_hint_rule() -> None:
+    assert (
+        retry_hint(_response({"retry_after": 0.25}, {"Retry-After": "1"}), {"retry_after": 0.25}, 60) == 0.25
+    )
+    assert retry_hint(_response({}, {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}), {}, 60) is None
+    assert retry_hint(_response({}, {"X-RateLimit-Reset-After": "nan", "Retry-After": "3"}), {}, 60) == 3.0
+    assert retry_hint(_response({"retry_after": True}, {}), {"retry_after": True}, 60) is None
+    assert retry_hint(_response({"retry_after": -1}, {"Retry-After": "2"}), {"retry_after": -1}, 60) == 2.0
 
 
 async def test_non_retryable_4xx_raises_typed_error_with_body() -> None:

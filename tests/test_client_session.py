@@ -90,6 +90,34 @@ def test_backoff_delays_stay_within_growing_capped_ceiling(lo: float, hi: float,
     assert backoff.ceiling() == lo
 
 
+class _FixedRng(random.Random):
+    """``uniform(a, b)`` returns the next given fraction of the window: hand-checkable delays."""
+
+    def __init__(self, fractions: list[float]) -> None:
+        super().__init__(0)
+        self.fractions = list(fractions)
+
+    def uniform(self, a: float, b: float) -> float:
+        return a + (b - a) * self.fractions.pop(0)
+
+
+def test_backoff_schedule_matches_hand_computed_delays() -> None:
+    # min 0.1, max 1.0: windows 0.1, 0.2, 0.4, 0.8, then capped at 1.0.
+    backoff = FullJitterBackoff(0.1, 1.0, rng=_FixedRng([0.5, 0.25, 1.0, 0.5, 0.5, 1.0, 0.0, 0.5]))
+    delays = [backoff.next_delay() for _ in range(6)]
+    assert delays == pytest.approx([0.05, 0.05, 0.4, 0.4, 0.5, 1.0])
+    backoff.reset()  # after a stable connection: back to the first window
+    assert [backoff.next_delay() for _ in range(2)] == pytest.approx([0.0, 0.1])
+
+
+def test_backoff_with_a_seeded_rng_gives_the_documented_sequence() -> None:
+    # random.Random(7).random() starts 0.32383, 0.15085, 0.65093, 0.07244, 0.53588 (CPython's
+    # Mersenne Twister); uniform(0, c) = c * random(). Windows for min 0.5, max 4: 0.5, 1, 2, 4, 4.
+    backoff = FullJitterBackoff(0.5, 4.0, rng=random.Random(7))
+    delays = [backoff.next_delay() for _ in range(5)]
+    assert delays == pytest.approx([0.161916, 0.150849, 1.301869, 0.289745, 2.143528], abs=1e-6)
+
+
 def test_backoff_is_jittered_and_reproducible() -> None:
     a = [FullJitterBackoff(1, 1, rng=random.Random(3)).next_delay() for _ in range(1)]
     seq1 = FullJitterBackoff(1, 64, rng=random.Random(3))
@@ -318,3 +346,21 @@ def test_client_frame_budget_keeps_a_margin_and_slides() -> None:
     # Two sent, one frame of margin kept: the third waits until the first leaves the window.
     assert budget.wait_time(2.0) == pytest.approx(8.0)
     assert budget.wait_time(10.0) == 0.0
+
+
+def test_identify_and_resume_actions_never_show_the_token_in_reprs() -> None:
+    secret = "s3cret-token-value"
+    session = ClientSession(token=secret, subscriptions=["room:1"], rng=random.Random(7))
+    session.connection_opened()
+    identify = sends(session.receive(HELLO, 0.0))
+    session.receive(ready(), 0.0)
+    session.connection_lost(1006)
+    session.connection_opened()
+    resume = sends(session.receive(HELLO, 1.0))
+    assert [f.op for f in identify + resume] == [Opcode.IDENTIFY, Opcode.RESUME]
+    for frame in identify + resume:
+        assert secret not in repr(frame) and secret not in str([frame]) and "<redacted>" in repr(frame)
+        assert secret not in repr(frame.__rich_repr__())
+        # ...while what goes on the wire still authenticates.
+        assert frame.d["token"] == secret
+        assert secret in str(FrameCodec("json").encode(frame.op, frame.d))

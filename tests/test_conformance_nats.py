@@ -254,3 +254,33 @@ def test_missing_nats_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delitem(sys.modules, "splitchat.bus.nats", raising=False)
     with pytest.raises(RuntimeError, match=r"splitchat\[nats\]"):
         bus_from_url("nats://127.0.0.1:4222")
+
+
+async def test_credentials_in_the_url_never_reach_errors_or_logs(caplog: pytest.LogCaptureFixture) -> None:
+    port = free_port()
+    bus = NatsBus(f"nats://alice:s3cret-pw@127.0.0.1:{port}", timeout=0.5)
+    with pytest.raises(BusUnavailable) as caught:
+        await bus.start()
+    assert f"127.0.0.1:{port}" in str(caught.value)
+    assert "s3cret-pw" not in str(caught.value) and "alice" not in str(caught.value)
+    # The connection callbacks nats-py calls while reconnecting.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="splitchat.bus.nats"):
+        await bus._on_disconnected()
+        await bus._on_reconnected()
+        await bus._on_error(OSError("connect to nats://alice:s3cret-pw@127.0.0.1 failed"))
+    messages = [r.getMessage() for r in caplog.records if r.name == "splitchat.bus.nats"]
+    assert messages == [
+        f"NATS bus disconnected from 127.0.0.1:{port}; reconnecting",
+        f"NATS bus reconnected to 127.0.0.1:{port}",
+        "NATS bus error: OSError('connect to nats://***@127.0.0.1 failed')",
+    ]
+
+
+def test_redact_url_keeps_only_host_and_port() -> None:
+    from splitchat.bus._remote import redact_url
+
+    assert redact_url("redis://user:pw@10.0.0.1:7000/0?password=x", 6379) == "10.0.0.1:7000"
+    assert redact_url("nats://tok@127.0.0.1", 4222) == "127.0.0.1:4222"
+    assert redact_url("127.0.0.1:4223", 4222) == "127.0.0.1:4223"
+    assert redact_url("nats://h:notaport", 4222) == "<invalid url>"

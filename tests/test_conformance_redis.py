@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from splitchat import Bus, BusUnavailable, Delivery, Gap, HistoryGone, Position, bus_from_url
-from splitchat.bus.redis import RedisBus
+from splitchat.bus.redis import EMPTY_EPOCH, RedisBus
 from splitchat.testing import BusConformance
 
 from ._servers import PrivateServer, free_port, redis_server
@@ -276,3 +276,28 @@ async def test_two_processes_share_channels_and_offsets(prefix: str) -> None:
         assert [d.position.offset for d in got_a if isinstance(d, Delivery) and d.position] == list(
             range(1, 101)
         )
+
+
+async def test_reading_positions_of_unknown_channels_writes_nothing(prefix: str) -> None:
+    async with RedisBus(SHARED, prefix=prefix) as bus:
+        for i in range(50):
+            assert await bus.current_position(f"junk:{i}") == Position(EMPTY_EPOCH, 0)
+            assert await bus.history(f"junk:{i}", Position(EMPTY_EPOCH, 0)) == []
+        client = aioredis.Redis.from_url(SHARED)
+        try:
+            assert [key async for key in client.scan_iter(match=f"{prefix}*")] == []
+        finally:
+            await client.aclose()
+        # The empty position still works as a resume point once events arrive...
+        start = await bus.current_position("room")
+        published = [await bus.publish("room", b"%d" % i) for i in range(3)]
+        assert [d.position for d in await bus.history("room", start)] == published
+        # ...but not across a reset epoch (stream lost while the meta survived).
+        client = aioredis.Redis.from_url(SHARED)
+        try:
+            await client.delete(bus.stream_key("room"))
+        finally:
+            await client.aclose()
+        await bus.publish("room", b"after reset")
+        with pytest.raises(HistoryGone):
+            await bus.history("room", start)

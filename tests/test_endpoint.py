@@ -20,6 +20,7 @@ from splitchat import (
     CommandContext,
     CommandEndpoint,
     InMemoryBus,
+    InMemoryIdempotencyStore,
     Position,
     RateLimiter,
     StaticTokenAuthenticator,
@@ -693,3 +694,45 @@ async def test_list_body_mentioning_nonce_is_not_a_nonce() -> None:
             response = await client.post("/tags", json=["nonce", "x"], headers=AUTH)
         assert response.status_code == 200
         assert response.json() == {"tags": ["nonce", "x"], "nonce_seen": None}
+
+
+async def test_idempotency_store_full_of_in_flight_claims_answers_503_and_runs_nothing() -> None:
+    release = anyio.Event()
+    entered = anyio.Event()
+    runs = 0
+    async with InMemoryBus() as bus:
+        endpoint = CommandEndpoint(
+            bus=bus,
+            authenticator=StaticTokenAuthenticator({TOKEN: ALICE}),
+            idempotency_store=InMemoryIdempotencyStore(max_entries_per_principal=1),
+        )
+
+        @endpoint.command("POST", "/slow/{channel_id}", body=CreateMessage, channel="{channel_id}")
+        async def slow(ctx: CommandContext, body: CreateMessage) -> dict[str, Any]:
+            nonlocal runs
+            runs += 1
+            entered.set()
+            await release.wait()
+            return {"content": body.content}
+
+        async with asgi_client(endpoint) as client:
+            results: list[httpx.Response] = []
+
+            async def post() -> None:
+                results.append(
+                    await client.post("/slow/c", json={"content": "x", "nonce": "a"}, headers=AUTH)
+                )
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(post)
+                with anyio.fail_after(5):
+                    await entered.wait()
+                second = await client.post("/slow/c", json={"content": "y", "nonce": "b"}, headers=AUTH)
+                release.set()
+            assert_error(second, 503, "idempotency_store_full")
+            assert second.headers["retry-after"] == "1"
+            assert [r.status_code for r in results] == [200]
+            assert runs == 1
+            # The first one completed, so its slot is evictable: the same key now runs.
+            again = await client.post("/slow/c", json={"content": "y", "nonce": "b"}, headers=AUTH)
+            assert again.status_code == 200 and runs == 2

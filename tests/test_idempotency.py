@@ -95,55 +95,134 @@ def test_fingerprint_distinguishes_method_path_and_body() -> None:
     assert request_fingerprint("POST", "/ab", b"") != request_fingerprint("POST", "/a", b"b")
 
 
+async def test_in_flight_claims_are_never_evicted_and_a_full_store_says_so() -> None:
+    store = InMemoryIdempotencyStore(max_entries=3)
+    for name in ("alice", "bob"):
+        await store.claim(f"{name}\0cmd\0k", "fp", 300)
+    await store.claim("carol\0cmd\0done", "fp", 300)
+    await store.complete("carol\0cmd\0done", "fp", RESPONSE, 300)
+    # Full: the completed entry is evicted, the in-flight claims stay.
+    assert (await store.claim("mallory\0cmd\0k1", "fp", 300)).state == "claimed"
+    assert (await store.claim("carol\0cmd\0done", "fp", 300)).state == "full"
+    assert (await store.claim("alice\0cmd\0k", "fp", 300)).state == "in_progress"
+    assert (await store.claim("bob\0cmd\0k", "fp", 300)).state == "in_progress"
+
+
+async def test_entries_per_principal_are_capped() -> None:
+    store = InMemoryIdempotencyStore(max_entries=100, max_entries_per_principal=2)
+    await store.claim("mallory\0cmd\0a", "fp", 300)
+    await store.complete("mallory\0cmd\0a", "fp", RESPONSE, 300)
+    await store.claim("mallory\0cmd\0b", "fp", 300)
+    assert (await store.claim("mallory\0cmd\0c", "fp", 300)).state == "claimed"  # evicts a
+    assert (await store.claim("mallory\0cmd\0d", "fp", 300)).state == "full"
+    assert (await store.claim("alice\0cmd\0a", "fp", 300)).state == "claimed"  # others unaffected
+    assert (await store.claim("mallory\0cmd\0a", "fp", 300)).state == "full"  # a was evicted
+    with pytest.raises(ValueError):
+        InMemoryIdempotencyStore(max_entries_per_principal=0)
+
+
+async def test_a_late_owner_cannot_release_or_overwrite_a_newer_claim() -> None:
+    clock = FakeClock()
+    store = InMemoryIdempotencyStore(clock=clock)
+    old = await store.claim("k", "fp", 10)
+    assert old.owner is not None
+    clock.now += 11  # the first request outlived its claim; a retry takes the key
+    new = await store.claim("k", "fp", 10)
+    assert new.state == "claimed" and new.owner not in (None, old.owner)
+    await store.release("k", owner=old.owner)
+    assert (await store.claim("k", "fp", 10)).state == "in_progress"
+    await store.complete("k", "fp", RESPONSE, 10, owner=old.owner)
+    assert (await store.claim("k", "fp", 10)).state == "in_progress"
+    await store.complete("k", "fp", RESPONSE, 10, owner=new.owner)
+    assert (await store.claim("k", "fp", 10)).state == "completed"
+
+
 class StoreMachine(RuleBasedStateMachine):
-    """The store against a model dict, under a fake clock and a small bound."""
+    """The store against an independent model: TTLs, owners, per-principal and global bounds.
+
+    The model keeps its own entries and its own completion order and decides by itself what a
+    claim must answer (claimed / in_progress / completed / full) and which completed entry an
+    eviction removes (the oldest completion of the principal at its bound, else overall).
+    """
+
+    MAX, PER_PRINCIPAL = 4, 3
 
     def __init__(self) -> None:
         super().__init__()
         self.clock = FakeClock()
-        self.store = InMemoryIdempotencyStore(max_entries=4, clock=self.clock)
-        # key -> (fingerprint, expires, completed)
-        self.model: dict[str, tuple[str, float, bool]] = {}
+        self.store = InMemoryIdempotencyStore(
+            max_entries=self.MAX, max_entries_per_principal=self.PER_PRINCIPAL, clock=self.clock
+        )
+        # key -> [fingerprint, expires, completed, owner]
+        self.model: dict[str, list[object]] = {}
+        self.completion_order: list[str] = []
+        self.owners: dict[str, str | None] = {}  # last owner token handed out per key
 
-    def _live(self, key: str) -> tuple[str, float, bool] | None:
-        entry = self.model.get(key)
-        if entry is not None and entry[1] <= self.clock.now:
-            del self.model[key]
-            return None
-        return entry
+    def _drop(self, key: str) -> None:
+        del self.model[key]
+        if key in self.completion_order:
+            self.completion_order.remove(key)
 
-    keys = st.sampled_from(["a", "b", "c", "d", "e", "f"])
+    def _drop_expired(self) -> None:
+        for key in [k for k, v in self.model.items() if float(v[1]) <= self.clock.now]:  # type: ignore[arg-type]
+            self._drop(key)
+
+    def _room(self, principal: str) -> bool:
+        self._drop_expired()
+        mine = [k for k in self.model if k.split("\0")[0] == principal]
+        if len(mine) >= self.PER_PRINCIPAL:
+            oldest = next((k for k in self.completion_order if k.split("\0")[0] == principal), None)
+            if oldest is None:
+                return False
+            self._drop(oldest)
+        if len(self.model) >= self.MAX:
+            if not self.completion_order:
+                return False
+            self._drop(self.completion_order[0])
+        return True
+
+    keys = st.sampled_from([f"{p}\0cmd\0{k}" for p in ("p1", "p2") for k in ("a", "b", "c", "d")])
 
     @rule(key=keys, fp=st.sampled_from(["x", "y"]), ttl=st.integers(1, 20))
     def claim(self, key: str, fp: str, ttl: int) -> None:
-        held = self.store._entries.get(key)
-        present = held is not None and held.expires > self.clock.now
         result = anyio.run(self.store.claim, key, fp, float(ttl))
-        entry = self._live(key)
-        if not present:
-            # Nothing live (never claimed, expired, released or evicted under the bound).
-            assert result.state == "claimed"
-            self.model[key] = (fp, self.clock.now + ttl, False)
-        else:
-            assert entry is not None, "store reported an entry the model says is gone"
-            assert result.state != "claimed"
+        entry = self.model.get(key)
+        if entry is not None and float(entry[1]) <= self.clock.now:  # type: ignore[arg-type]
+            self._drop(key)
+            entry = None
+        if entry is not None:
+            assert result.state == ("completed" if entry[2] else "in_progress")
             assert result.fingerprint == entry[0]
-            assert (result.state == "completed") == entry[2]
+            assert result.owner is None
+        elif self._room(key.split("\0")[0]):
+            assert result.state == "claimed" and result.fingerprint == fp and result.owner is not None
+            self.model[key] = [fp, self.clock.now + ttl, False, result.owner]
+            self.owners[key] = result.owner
+        else:
+            assert result.state == "full"
 
-    @rule(key=keys, ttl=st.integers(1, 20))
-    def complete(self, key: str, ttl: int) -> None:
-        entry = self._live(key)
-        if entry is None or entry[2]:
+    @rule(key=keys, ttl=st.integers(1, 20), stale=st.booleans())
+    def complete(self, key: str, ttl: int, stale: bool) -> None:
+        entry = self.model.get(key)
+        live = entry is not None and float(entry[1]) > self.clock.now  # type: ignore[arg-type]
+        if entry is None or entry[2] or not live:
             return
-        anyio.run(self.store.complete, key, entry[0], RESPONSE, float(ttl))
-        self.model[key] = (entry[0], self.clock.now + ttl, True)
+        owner = "not-the-owner" if stale else str(entry[3])
+        anyio.run(lambda: self.store.complete(key, str(entry[0]), RESPONSE, float(ttl), owner=owner))
+        if stale:
+            return  # someone else's claim: left alone
+        self._drop(key)
+        assert self._room(key.split("\0")[0])  # its own slot was just freed
+        self.model[key] = [entry[0], self.clock.now + ttl, True, None]
+        self.completion_order.append(key)
 
-    @rule(key=keys)
-    def release(self, key: str) -> None:
-        anyio.run(self.store.release, key)
-        entry = self._live(key)
-        if entry is not None and not entry[2]:
-            del self.model[key]
+    @rule(key=keys, stale=st.booleans())
+    def release(self, key: str, stale: bool) -> None:
+        entry = self.model.get(key)
+        owner = "not-the-owner" if stale else self.owners.get(key)
+        anyio.run(lambda: self.store.release(key, owner=owner))
+        if entry is not None and not entry[2] and not stale and entry[3] == owner:
+            self._drop(key)
 
     @rule(seconds=st.integers(0, 15))
     def advance(self, seconds: int) -> None:
@@ -151,15 +230,8 @@ class StoreMachine(RuleBasedStateMachine):
 
     @invariant()
     def bounded(self) -> None:
-        assert len(self.store) <= 4
-        # Every entry the store still has agrees with the model (eviction may only remove).
-        for key, entry in self.store._entries.items():
-            if entry.expires > self.clock.now:
-                modelled = self._live(key)
-                assert modelled is not None
-                assert modelled[0] == entry.fingerprint
-                assert modelled[2] == (entry.response is not None)
+        assert len(self.store) <= self.MAX
 
 
-StoreMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+StoreMachine.TestCase.settings = settings(max_examples=80, stateful_step_count=30, deadline=None)
 test_store_state_machine = StoreMachine.TestCase

@@ -88,8 +88,10 @@ async def test_remove_discards_buffered_items_and_close_ends_iteration() -> None
         sub.push(Delivery("b", Position("e", 1), b"b"))
         await sub.remove(["a"])
         assert hub.attached == {"b"} and sub.channels == {"b"}
-        item = await sub.receive()
+        with anyio.fail_after(5):
+            item = await sub.receive()
         assert isinstance(item, Delivery) and item.channel == "b"
     assert hub.attached == set()
-    items = [i async for i in sub]
+    with anyio.fail_after(5):
+        items = [i async for i in sub]
     assert items == []

@@ -33,11 +33,42 @@ async def test_moving_window_retry_after_is_time_until_oldest_hit_expires() -> N
     assert refused.reset == pytest.approx(first + 2, abs=0.1)
 
 
-async def test_window_frees_after_it_passes() -> None:
-    limiter = RateLimiter()
+class FakeWallClock:
+    """Stands in for the ``time`` module inside ``limits`` (its memory storage and strategies
+    read ``time.time()``), so windows pass without real waiting."""
+
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def wall_clock(monkeypatch: pytest.MonkeyPatch) -> FakeWallClock:
+    import limits.storage.memory
+    import limits.strategies
+
+    import splitchat._ratelimit
+
+    clock = FakeWallClock()
+    for module in (limits.storage.memory, limits.strategies, splitchat._ratelimit):
+        monkeypatch.setattr(module, "time", clock)
+    return clock
+
+
+@pytest.mark.parametrize("strategy", ["moving", "fixed"])
+async def test_window_frees_after_it_passes(wall_clock: FakeWallClock, strategy: str) -> None:
+    limiter = RateLimiter(strategy=strategy)  # type: ignore[arg-type]
     assert (await limiter.hit("k", "1/second")).allowed
-    assert not (await limiter.hit("k", "1/second")).allowed
-    await anyio.sleep(1.05)
+    refused = await limiter.hit("k", "1/second")
+    assert not refused.allowed and 0 < refused.retry_after <= 1
+    wall_clock.now += 0.5
+    assert not (await limiter.hit("k", "1/second")).allowed  # still inside the window
+    wall_clock.now += 0.55
     assert (await limiter.hit("k", "1/second")).allowed
 
 
@@ -105,23 +136,32 @@ def test_never_allows_more_than_the_limit(limit: int, hits: int) -> None:
     assert parse_limit(f"{limit}/hour").amount == limit
 
 
-async def test_memory_storage_sweeps_inline_without_timer_threads() -> None:
+async def test_memory_storage_sweeps_inline_without_timer_threads(
+    wall_clock: FakeWallClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Expired moving-window entries are dropped by the inline sweep (bounded memory), and hits
     start no threads (the stock storage starts a Timer thread 10 ms after activity)."""
     import threading
 
     from splitchat._ratelimit import _InlineExpiryMemoryStorage
 
+    timers: list[object] = []
+
+    class RecordingTimer(threading.Timer):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            timers.append(self)
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(threading, "Timer", RecordingTimer)
     limiter = RateLimiter()
     storage = limiter._storage
     assert isinstance(storage, _InlineExpiryMemoryStorage)
     storage._sweep_interval = 0.0  # sweep on every write for the test
-    await anyio.sleep(0.05)  # let the one Timer the base class starts at construction finish
-    threads_before = threading.active_count()
+    constructed = len(timers)  # the base class makes one at construction (never started by us)
     for i in range(200):
         await limiter.hit(f"old-{i}", "1/second")
-    assert threading.active_count() == threads_before
+    assert len(timers) == constructed
     assert sum(1 for key in storage.events if "old-" in key) == 200
-    await anyio.sleep(1.05)
+    wall_clock.now += 1.05
     await limiter.hit("new", "1/second")  # any write runs the sweep
     assert not any("old-" in key for key in storage.events)

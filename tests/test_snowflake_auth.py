@@ -4,6 +4,7 @@ import types
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given, strategies as st
 
 import splitchat
 from splitchat import (
@@ -66,3 +67,17 @@ def test_public_api_is_exported_and_documented() -> None:
         obj = getattr(splitchat, name)
         if isinstance(obj, (type, types.FunctionType)):
             assert obj.__doc__, f"{name} has no docstring"
+
+
+@given(st.one_of(st.none(), st.text(max_size=30), st.text(max_size=20).map(lambda t: "Bearer " + t)))
+def test_bearer_credentials_agrees_with_bearer_token(header: str | None) -> None:
+    from splitchat._http import bearer_credentials
+
+    token = bearer_token(header)
+    credentials = bearer_credentials(header)
+    if token is not None:
+        assert credentials == token
+    elif header is not None and header.strip():
+        assert credentials == ""  # present but malformed: a failed authentication
+    else:
+        assert credentials is None

@@ -600,6 +600,10 @@ class CommandEndpoint:
         claim = await store.claim(scoped_key, fingerprint, self.idempotency_ttl)
         if claim.fingerprint != fingerprint:
             raise error(422, "idempotency_conflict", "This idempotency key was used with a different request")
+        if claim.state == "full":
+            full = error(503, "idempotency_store_full", "Too many requests with idempotency keys in flight")
+            full.headers.append(("retry-after", "1"))
+            raise full
         if claim.state == "in_progress":
             busy = error(409, "idempotency_in_progress", "A request with this idempotency key is in progress")
             busy.headers.append(("retry-after", "1"))
@@ -609,6 +613,9 @@ class CommandEndpoint:
             outcome.replay = True
             stored = claim.response
             return Reply(stored.status, stored.body, [*stored.headers, ("idempotent-replayed", "true")])
+        # Pass the owner token only to a store that returned one: a store written before owners
+        # existed keeps working with the three-argument calls.
+        owned: dict[str, str] = {} if claim.owner is None else {"owner": claim.owner}
         done = False
         try:
             try:
@@ -617,21 +624,21 @@ class CommandEndpoint:
                 if exc.status < 500:
                     # A deterministic refusal by the app is part of the key's answer too.
                     response = StoredResponse(exc.status, list(exc.headers), json_encoder.encode(exc.body()))
-                    await store.complete(scoped_key, fingerprint, response, self.idempotency_ttl)
+                    await store.complete(scoped_key, fingerprint, response, self.idempotency_ttl, **owned)
                     done = True
                 raise
             stored_headers = [h for h in reply.headers if h[0] in ("x-event-id", "x-event-position")]
             response = StoredResponse(
                 reply.status, [("content-type", "application/json"), *stored_headers], reply.body
             )
-            await store.complete(scoped_key, fingerprint, response, self.idempotency_ttl)
+            await store.complete(scoped_key, fingerprint, response, self.idempotency_ttl, **owned)
             done = True
             return reply
         finally:
             if not done:
                 # 5xx, bus unavailable, crash or cancellation: let a retry run for real.
                 with anyio.CancelScope(shield=True):
-                    await store.release(scoped_key)
+                    await store.release(scoped_key, **owned)
 
     async def _execute(self, ctx: CommandContext, body: Any, outcome: _Outcome) -> Reply:
         command = ctx.command

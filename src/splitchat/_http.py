@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import msgspec
 
+from ._auth import bearer_token
 from ._errors import HTTPError
 from ._ratelimit import RateLimitDecision
 from ._types import Message, Receive, Scope, Send
@@ -105,13 +106,10 @@ def unauthorized(message: str) -> HTTPError:
 
 def bearer_credentials(authorization: str | None) -> str | None:
     """The bearer token; ``None`` when absent; ``""`` when the header is present but malformed."""
-    if not authorization:
-        return None
-    scheme, _, token = authorization.partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
+    token = bearer_token(authorization)
+    if token is None and authorization and authorization.strip():
         # A malformed Authorization header is a failed authentication, not an absent one.
-        return "" if authorization.strip() else None
+        return ""
     return token
 
 

@@ -38,7 +38,10 @@ _COMMON_ERRORS: dict[int, str] = {
     405: "The path exists with other methods (`method_not_allowed`; see the `Allow` header)",
     409: "A request with the same idempotency key is still running (`idempotency_in_progress`)",
     422: "The idempotency key was used with a different request (`idempotency_conflict`)",
-    503: "The event bus or the rate limiter is unavailable (`bus_unavailable`, `rate_limiter_unavailable`)",
+    503: (
+        "The event bus, the rate limiter or room in the idempotency store is unavailable "
+        "(`bus_unavailable`, `rate_limiter_unavailable`, `idempotency_store_full`)"
+    ),
 }
 _BODY_ERRORS: dict[int, str] = {
     413: "The body exceeds the endpoint's `max_body_bytes` (`payload_too_large`)",

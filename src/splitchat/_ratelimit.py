@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Callable
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 
 import limits
 import limits.aio.strategies
@@ -219,13 +219,8 @@ class RateLimiter:
         ``now`` is the caller's current epoch time, only used to compute ``reset_after``.
         """
         item = parse_limit(limit) if isinstance(limit, str) else limit
-        if self._sync is not None:
-            allowed = self._sync.hit(item, key, cost=cost)
-            reset, remaining = self._sync.get_window_stats(item, key)
-        else:
-            assert self._async is not None
-            allowed = await self._async.hit(item, key, cost=cost)
-            reset, remaining = await self._async.get_window_stats(item, key)
+        allowed: bool = await self._call("hit", item, key, cost=cost)
+        reset, remaining = await self._call("get_window_stats", item, key)
         return _decision(allowed, item, reset, remaining, bucket or key, scope, now)
 
     async def acquire(self, key: str, limit: str | RateLimitItem, *, cost: int = 1) -> bool:
@@ -235,10 +230,8 @@ class RateLimiter:
         to the client unless exceeded (then ask :meth:`peek` for the headers).
         """
         item = parse_limit(limit) if isinstance(limit, str) else limit
-        if self._sync is not None:
-            return self._sync.hit(item, key, cost=cost)
-        assert self._async is not None
-        return await self._async.hit(item, key, cost=cost)
+        allowed: bool = await self._call("hit", item, key, cost=cost)
+        return allowed
 
     async def peek(
         self,
@@ -251,23 +244,22 @@ class RateLimiter:
     ) -> RateLimitDecision:
         """The decision a hit would get, without counting one (``allowed`` = budget left)."""
         item = parse_limit(limit) if isinstance(limit, str) else limit
-        if self._sync is not None:
-            allowed = self._sync.test(item, key)
-            reset, remaining = self._sync.get_window_stats(item, key)
-        else:
-            assert self._async is not None
-            allowed = await self._async.test(item, key)
-            reset, remaining = await self._async.get_window_stats(item, key)
+        allowed: bool = await self._call("test", item, key)
+        reset, remaining = await self._call("get_window_stats", item, key)
         return _decision(allowed, item, reset, remaining, bucket or key, scope, now)
 
     async def clear(self, key: str, limit: str | RateLimitItem) -> None:
         """Forget every hit of ``key`` under ``limit``."""
         item = parse_limit(limit) if isinstance(limit, str) else limit
+        await self._call("clear", item, key)
+
+    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        # The sync (memory) and async (network) strategies of `limits` have the same methods;
+        # only the async ones must be awaited. One place decides which.
         if self._sync is not None:
-            self._sync.clear(item, key)
-        else:
-            assert self._async is not None
-            await self._async.clear(item, key)
+            return getattr(self._sync, method)(*args, **kwargs)
+        assert self._async is not None
+        return await getattr(self._async, method)(*args, **kwargs)
 
     async def start(self) -> None:
         """Nothing to connect eagerly (``limits`` connects on first use); for :func:`lifespan`."""

@@ -89,6 +89,18 @@ class InMemoryBus(Bus):
             ch = self._channels[name] = _Channel(self.epoch, self.ephemeral_buffer)
         return ch
 
+    def _release(self, name: str, ch: _Channel) -> None:
+        """Forget ``ch`` if nothing about it needs remembering.
+
+        Channel names are client-chosen (subscribe, history, ...), so an entry per name ever
+        *seen* would grow without bound. A channel is dropped when it has no subscribers and was
+        never published to. One that was published to is kept even when its log has been trimmed
+        empty: its offset counter must continue, or a re-created channel would hand out offsets
+        1, 2, ... again in the same epoch and two different events would share a position.
+        """
+        if not ch.subscribers and ch.offset == 0 and self._channels.get(name) is ch:
+            del self._channels[name]
+
     def _trim(self, ch: _Channel) -> None:
         deadline = self._clock() - self.history_ttl
         log, times = ch.log, ch.times
@@ -114,7 +126,10 @@ class InMemoryBus(Bus):
 
     async def publish_ephemeral(self, channel: str, payload: bytes) -> None:
         self._check_running()
-        ch = self._channel(channel)
+        ch = self._channels.get(channel)
+        if ch is None:
+            # Nobody subscribes to it and ephemeral events are never replayed: nothing to keep.
+            return
         ch.ephemeral_seq += 1
         ch.ephemeral.append(Delivery(channel, None, payload))
         for sub in ch.subscribers:
@@ -128,7 +143,13 @@ class InMemoryBus(Bus):
         return sub
 
     async def history(self, channel: str, since: Position, limit: int = 100) -> Sequence[Delivery]:
-        ch = self._channel(channel)
+        ch = self._channels.get(channel)
+        if ch is None:
+            # Read-only: an unknown channel is an empty one at (epoch, 0); creating it here
+            # would let any caller grow the bus's state with made-up channel names.
+            if since == Position(self.epoch, 0):
+                return []
+            raise HistoryGone(f"position {since} is not in channel {channel!r}")
         self._trim(ch)
         if since.epoch != ch.epoch:
             raise HistoryGone(f"position {since} is from another epoch than {ch.epoch}")
@@ -141,7 +162,9 @@ class InMemoryBus(Bus):
         return [ch.log[i] for i in range(start, stop)]
 
     async def current_position(self, channel: str) -> Position:
-        ch = self._channel(channel)
+        ch = self._channels.get(channel)
+        if ch is None:
+            return Position(self.epoch, 0)  # read-only: see history()
         return Position(ch.epoch, ch.offset)
 
 
@@ -181,6 +204,7 @@ class _MemorySubscription(Subscription):
             ch = self._bus._channels.get(name)
             if ch is not None:
                 ch.subscribers.discard(self)
+                self._bus._release(name, ch)
 
     def _notify(self, channel: str) -> None:
         self._ready[channel] = None
@@ -194,6 +218,7 @@ class _MemorySubscription(Subscription):
             ch = self._bus._channels.get(name)
             if ch is not None:
                 ch.subscribers.discard(self)
+                self._bus._release(name, ch)
         self._cursors.clear()
         self._ephemeral_cursors.clear()
         self._ready.clear()

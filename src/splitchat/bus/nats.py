@@ -41,8 +41,9 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised via bus_from_url
     raise ImportError(f"splitchat.bus.nats needs nats-py: pip install 'splitchat[nats]' ({exc})") from exc
 
-from ._base import Bus, BusUnavailable, Delivery, Gap, HistoryGone, Position, Subscription
+from ._base import BusUnavailable, Delivery, Gap, HistoryGone, Position, Subscription
 from ._local import LocalSubscription
+from ._remote import RemoteBus
 
 __all__ = ("NatsBus",)
 
@@ -92,7 +93,7 @@ class _Last:
         self.seq, self.offset, self.epoch = seq, offset, epoch
 
 
-class NatsBus(Bus):
+class NatsBus(RemoteBus):
     """A :class:`~splitchat.bus.Bus` on NATS JetStream (history, positions) and core NATS (ephemeral).
 
     Args:
@@ -111,6 +112,7 @@ class NatsBus(Bus):
     """
 
     supports_history = True
+    default_port = 4222
 
     def __init__(
         self,
@@ -130,6 +132,8 @@ class NatsBus(Bus):
             raise ValueError("history_size must be >= 1")
         if storage not in {"file", "memory"}:
             raise ValueError("storage must be 'file' or 'memory'")
+        super().__init__()
+        self._channels: dict[str, _ChannelState] = {}
         self.servers = [servers] if isinstance(servers, str) else list(servers)
         self.stream = stream
         self.subject_prefix = subject_prefix
@@ -144,10 +148,6 @@ class NatsBus(Bus):
         self._nc: NatsClient | None = None
         self._js: Any = None
         self._jsm: Any = None
-        self._running = False
-        self._closed = False
-        self._channels: dict[str, _ChannelState] = {}
-        self._subscriptions: set[LocalSubscription] = set()
         self._last: OrderedDict[str, _Last] = OrderedDict()
         self._locks = [asyncio.Lock() for _ in range(_LOCK_STRIPES)]
         self._nats_subs: list[Any] = []
@@ -188,11 +188,10 @@ class NatsBus(Bus):
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        if self._running:
-            return
-        if self._closed:
-            raise BusUnavailable("a closed NatsBus cannot be restarted; create a new one")
+    def _urls(self) -> list[str]:
+        return self.servers
+
+    async def _connect(self) -> None:
         options: dict[str, Any] = {
             "connect_timeout": self.timeout,
             "max_reconnect_attempts": -1,
@@ -211,7 +210,7 @@ class NatsBus(Bus):
         except (nats.errors.Error, OSError, TimeoutError) as exc:
             with anyio.move_on_after(self.timeout, shield=True):
                 await nc.close()
-            raise BusUnavailable(f"NATS at {self.servers} is unreachable: {exc!r}") from exc
+            raise BusUnavailable(f"NATS at {self._where()} is unreachable: {self._describe(exc)}") from exc
         try:
             self._js = self._nc.jetstream(timeout=self.timeout)
             self._jsm = self._nc.jsm(timeout=self.timeout)
@@ -239,19 +238,10 @@ class NatsBus(Bus):
         except BaseException as exc:
             await nc.close()
             if isinstance(exc, nats.errors.Error | OSError | TimeoutError):
-                raise BusUnavailable(f"NATS JetStream setup failed: {exc!r}") from exc
+                raise BusUnavailable(f"NATS JetStream setup failed: {self._describe(exc)}") from exc
             raise
-        self._running = True
 
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._running = False
-        for sub in list(self._subscriptions):
-            sub.close_now()
-        self._subscriptions.clear()
-        self._channels.clear()
+    async def _disconnect(self) -> None:
         if self._nc is not None:
             with anyio.move_on_after(self.timeout * 2, shield=True):
                 await self._nc.close()
@@ -282,21 +272,21 @@ class NatsBus(Bus):
 
     # nats-py connection callbacks: log at WARNING, the client reconnects by itself.
     async def _on_error(self, exc: Exception) -> None:
-        logger.warning("NATS bus error: %r", exc)
+        logger.warning("NATS bus error: %s", self._describe(exc))
 
     async def _on_disconnected(self) -> None:
         if not self._closed:
-            logger.warning("NATS bus disconnected from %s; reconnecting", self.servers)
+            logger.warning("NATS bus disconnected from %s; reconnecting", self._where())
 
     async def _on_reconnected(self) -> None:
-        logger.warning("NATS bus reconnected to %s", self.servers)
+        logger.warning("NATS bus reconnected to %s", self._where())
 
     def _check_running(self) -> NatsClient:
         if not self._running or self._nc is None:
             raise BusUnavailable("the NATS bus is not running (`async with bus:` or `await bus.start()`)")
         if not self._nc.is_connected:
             # Fail now instead of letting nats-py buffer the request for after a reconnect.
-            raise BusUnavailable(f"NATS at {self.servers} is unreachable (reconnecting)")
+            raise BusUnavailable(f"NATS at {self._where()} is unreachable (reconnecting)")
         return self._nc
 
     # -- publish -------------------------------------------------------------------------------
@@ -336,7 +326,9 @@ class NatsBus(Bus):
                     return await self._publish_locked(channel, subject, payload)
             except (nats.errors.Error, OSError, TimeoutError) as exc:
                 self._last.pop(channel, None)
-                raise BusUnavailable(f"NATS did not accept the publish to {channel!r}: {exc!r}") from exc
+                raise BusUnavailable(
+                    f"NATS did not accept the publish to {channel!r}: {self._describe(exc)}"
+                ) from exc
 
     async def _publish_locked(self, channel: str, subject: str, payload: bytes) -> Position:
         for attempt in range(_PUBLISH_ATTEMPTS):
@@ -375,7 +367,7 @@ class NatsBus(Bus):
         try:
             await nc.publish(self.ephemeral_subject(channel), payload)
         except (nats.errors.Error, OSError) as exc:
-            raise BusUnavailable(f"NATS did not accept the ephemeral publish: {exc!r}") from exc
+            raise BusUnavailable(f"NATS did not accept the ephemeral publish: {self._describe(exc)}") from exc
 
     # -- history -------------------------------------------------------------------------------
 
@@ -385,7 +377,7 @@ class NatsBus(Bus):
             with anyio.fail_after(self.timeout * 2):
                 last = await self._fetch_last(channel)
         except (nats.errors.Error, OSError, TimeoutError) as exc:
-            raise BusUnavailable(f"NATS is unreachable: {exc!r}") from exc
+            raise BusUnavailable(f"NATS is unreachable: {self._describe(exc)}") from exc
         return Position(self.epoch, 0) if last is None else Position(last.epoch, last.offset)
 
     async def _next_on_subject(self, subject: str, seq: int) -> Any:
@@ -397,7 +389,7 @@ class NatsBus(Bus):
             with anyio.fail_after(self.timeout * 4):
                 return await self._history(channel, since, limit)
         except (nats.errors.Error, OSError, TimeoutError) as exc:
-            raise BusUnavailable(f"NATS is unreachable: {exc!r}") from exc
+            raise BusUnavailable(f"NATS is unreachable: {self._describe(exc)}") from exc
 
     async def _history(self, channel: str, since: Position, limit: int) -> Sequence[Delivery]:
         subject = self.subject(channel)

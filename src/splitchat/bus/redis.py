@@ -44,8 +44,9 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised via bus_from_url
     raise ImportError(f"splitchat.bus.redis needs redis-py: pip install 'splitchat[redis]' ({exc})") from exc
 
-from ._base import Bus, BusUnavailable, Delivery, Gap, HistoryGone, Position, Subscription
+from ._base import BusUnavailable, Delivery, Gap, HistoryGone, Position, Subscription
 from ._local import LocalSubscription
+from ._remote import RemoteBus
 
 __all__ = ("RedisBus",)
 
@@ -58,10 +59,14 @@ _ENSURE_EPOCH = """
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 local offset = tonumber(redis.call('HGET', KEYS[2], 'offset') or '0')
 if (not epoch) or (offset > 0 and redis.call('EXISTS', KEYS[1]) == 0) then
+  -- 'first': the channel had no meta at all, so this epoch holds every event published
+  -- since a reader saw the channel empty (see EMPTY_EPOCH in redis.py).
+  local origin = 'first'
+  if epoch then origin = 'reset' end
   epoch = ARGV[1]
   offset = 0
   redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[2], 'epoch', epoch, 'offset', 0)
+  redis.call('HSET', KEYS[2], 'epoch', epoch, 'offset', 0, 'origin', origin)
 end
 local ttl = tonumber(ARGV[2])
 if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
@@ -80,8 +85,11 @@ return {epoch, offset}
 """
 )
 
-# KEYS: stream, meta. ARGV: fresh epoch, ttl ms.
-_CURRENT = _ENSURE_EPOCH + "\nreturn {epoch, offset}\n"
+#: Epoch of the position of a channel that has no meta hash (never published, or forgotten).
+#: Reading a position must not write (channel names are client-chosen: a write per name would
+#: grow Redis without bound), so an empty channel has no real epoch yet; this constant never
+#: equals a real one (12 hex chars). ``history`` accepts it as "since the channel was empty".
+EMPTY_EPOCH = "empty"
 
 _CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
@@ -116,7 +124,7 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class RedisBus(Bus):
+class RedisBus(RemoteBus):
     """A :class:`~splitchat.bus.Bus` on Redis Streams (history, positions) and pub/sub (ephemeral).
 
     Args:
@@ -140,6 +148,7 @@ class RedisBus(Bus):
     """
 
     supports_history = True
+    default_port = 6379
 
     def __init__(
         self,
@@ -171,10 +180,8 @@ class RedisBus(Bus):
         self.read_count = read_count
         self.resync_interval = resync_interval
         self.reconnect_delay = reconnect_delay
+        super().__init__()
         self._channels: dict[str, _ChannelState] = {}
-        self._subscriptions: set[LocalSubscription] = set()
-        self._running = False
-        self._closed = False
         self._stack: AsyncExitStack | None = None
         self._client: aioredis.Redis | None = None
         self._reader: aioredis.Redis | None = None
@@ -252,11 +259,10 @@ class RedisBus(Bus):
         options.update(overrides)
         return aioredis.Redis.from_url(self.url, **options)
 
-    async def start(self) -> None:
-        if self._running:
-            return
-        if self._closed:
-            raise BusUnavailable("a closed RedisBus cannot be restarted; create a new one")
+    def _urls(self) -> list[str]:
+        return [self.url]
+
+    async def _connect(self) -> None:
         stack = AsyncExitStack()
         try:
             self._client = self._new_client()
@@ -273,9 +279,10 @@ class RedisBus(Bus):
                 await self._pubsub.psubscribe(self._escape_pattern(self.ephemeral_key("")) + "*")
                 self._reader_id = int(await self._reader.client_id())
             except RedisError as exc:
-                raise BusUnavailable(f"Redis at {self._where()} is unreachable: {exc}") from exc
+                raise BusUnavailable(
+                    f"Redis at {self._where()} is unreachable: {self._describe(exc)}"
+                ) from exc
             self._publish_script = self._client.register_script(_PUBLISH)
-            self._current_script = self._client.register_script(_CURRENT)
             # Plain asyncio tasks, not a task group: redis-py is asyncio-only anyway, and
             # close() must work from any task (a task group must be exited where it was entered).
             tasks = [asyncio.create_task(self._read_loop()), asyncio.create_task(self._ephemeral_loop())]
@@ -284,24 +291,11 @@ class RedisBus(Bus):
             await stack.aclose()
             raise
         self._stack = stack
-        self._running = True
 
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._running = False
-        for sub in list(self._subscriptions):
-            sub.close_now()
-        self._subscriptions.clear()
-        self._channels.clear()
+    async def _disconnect(self) -> None:
         if self._stack is not None:
             stack, self._stack = self._stack, None
             await stack.aclose()
-
-    def _where(self) -> str:
-        parts = urlsplit(self.url)
-        return f"{parts.hostname}:{parts.port or 6379}"
 
     @staticmethod
     def _escape_pattern(text: str) -> str:
@@ -331,7 +325,9 @@ class RedisBus(Bus):
                     keys=[self.stream_key(channel), self.meta_key(channel)], args=args
                 )
         except (RedisError, OSError, TimeoutError) as exc:
-            raise BusUnavailable(f"Redis at {self._where()} did not accept the publish: {exc!r}") from exc
+            raise BusUnavailable(
+                f"Redis at {self._where()} did not accept the publish: {self._describe(exc)}"
+            ) from exc
         return Position(_text(epoch), int(offset))
 
     async def publish_ephemeral(self, channel: str, payload: bytes) -> None:
@@ -340,19 +336,18 @@ class RedisBus(Bus):
             with anyio.fail_after(self.timeout * 2):
                 await client.publish(self.ephemeral_key(channel), payload)
         except (RedisError, OSError, TimeoutError) as exc:
-            raise BusUnavailable(f"Redis at {self._where()} is unreachable: {exc!r}") from exc
+            raise BusUnavailable(f"Redis at {self._where()} is unreachable: {self._describe(exc)}") from exc
 
     async def current_position(self, channel: str) -> Position:
-        self._check_running()
+        client = self._check_running()
         try:
             with anyio.fail_after(self.timeout * 2):
-                epoch, offset = await self._current_script(
-                    keys=[self.stream_key(channel), self.meta_key(channel)],
-                    args=[secrets.token_hex(6), self._ttl_ms],
-                )
+                epoch_raw, offset_raw = await client.hmget(self.meta_key(channel), ["epoch", "offset"])
         except (RedisError, OSError, TimeoutError) as exc:
-            raise BusUnavailable(f"Redis at {self._where()} is unreachable: {exc!r}") from exc
-        return Position(_text(epoch), int(offset))
+            raise BusUnavailable(f"Redis at {self._where()} is unreachable: {self._describe(exc)}") from exc
+        if epoch_raw is None:
+            return Position(EMPTY_EPOCH, 0)
+        return Position(_text(epoch_raw), int(offset_raw or 0))
 
     async def history(self, channel: str, since: Position, limit: int = 100) -> Sequence[Delivery]:
         client = self._check_running()
@@ -361,11 +356,18 @@ class RedisBus(Bus):
         try:
             with anyio.fail_after(self.timeout * 2):
                 async with client.pipeline(transaction=True) as pipe:
-                    pipe.hmget(self.meta_key(channel), ["epoch", "offset"])
+                    pipe.hmget(self.meta_key(channel), ["epoch", "offset", "origin"])
                     pipe.xrange(self.stream_key(channel), min=f"{since.offset + 1}-0", count=max(limit, 1))
-                    (epoch_raw, offset_raw), entries = await pipe.execute()
+                    (epoch_raw, offset_raw, origin_raw), entries = await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
-            raise BusUnavailable(f"Redis at {self._where()} is unreachable: {exc!r}") from exc
+            raise BusUnavailable(f"Redis at {self._where()} is unreachable: {self._describe(exc)}") from exc
+        if since.epoch == EMPTY_EPOCH and since.offset == 0:
+            if epoch_raw is None:
+                return []  # still empty
+            if origin_raw is None or _text(origin_raw) != "first":
+                # The epoch was restarted (stream lost): events of the one before are gone.
+                raise HistoryGone(f"channel {channel!r} was reset since {since}")
+            since = Position(_text(epoch_raw), 0)  # everything of the channel's first epoch
         if epoch_raw is None or _text(epoch_raw) != since.epoch:
             raise HistoryGone(f"position {since} is not of the current epoch of {channel!r}")
         last = int(offset_raw or 0)
@@ -398,7 +400,7 @@ class RedisBus(Bus):
                         pipe.hmget(self.meta_key(name), ["epoch", "offset"])
                     metas = await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
-            raise BusUnavailable(f"Redis at {self._where()} is unreachable: {exc!r}") from exc
+            raise BusUnavailable(f"Redis at {self._where()} is unreachable: {self._describe(exc)}") from exc
         grew = False
         for name, (epoch_raw, offset_raw) in zip(channels, metas, strict=True):
             epoch = _text(epoch_raw) if epoch_raw is not None else None
@@ -488,9 +490,9 @@ class RedisBus(Bus):
                 low, high = self.reconnect_delay
                 delay = min(high, low * 2 ** min(failures - 1, 16)) * (0.5 + random.random() / 2)
                 logger.warning(
-                    "Redis bus reader lost %s (%r); reconnecting in %.2fs (attempt %d)",
+                    "Redis bus reader lost %s (%s); reconnecting in %.2fs (attempt %d)",
                     self._where(),
-                    exc,
+                    self._describe(exc),
                     delay,
                     failures,
                 )
@@ -560,7 +562,12 @@ class RedisBus(Bus):
                 failures += 1
                 low, high = self.reconnect_delay
                 delay = min(high, low * 2 ** min(failures - 1, 16))
-                logger.warning("Redis bus pub/sub lost %s (%r); retrying in %.2fs", self._where(), exc, delay)
+                logger.warning(
+                    "Redis bus pub/sub lost %s (%s); retrying in %.2fs",
+                    self._where(),
+                    self._describe(exc),
+                    delay,
+                )
                 await anyio.sleep(delay)
                 continue
             if not message or message.get("type") != "pmessage":

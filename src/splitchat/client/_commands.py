@@ -3,15 +3,14 @@
 Every command gets one nonce, sent as ``Idempotency-Key`` on *every* attempt, so when a response
 is lost and the command retried, the endpoint answers with the original receipt instead of
 publishing a second event. Retries happen on network errors, 5xx and 429; the delay honours the
-server's ``retry_after`` / ``Retry-After`` / ``X-RateLimit-Reset-After`` and otherwise uses full
-jitter. Attempts and total time are both bounded.
+server's hint (:func:`retry_hint`) and otherwise uses full jitter. Attempts and total time are both bounded.
 """
 
 from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
@@ -98,23 +97,30 @@ def new_nonce() -> str:
     return secrets.token_urlsafe(16)
 
 
-def _retry_hint(response: httpx.Response, body: Any) -> float | None:
-    """Seconds the server asked us to wait, from the body or the headers (largest wins)."""
-    hints: list[float] = []
+def retry_hint(response: httpx.Response, body: Any, max_seconds: float) -> float | None:
+    """Seconds the server asked us to wait, or ``None`` without a usable hint.
+
+    One rule, shared with the browser client: the precise body ``retry_after`` (float seconds)
+    first, else ``X-RateLimit-Reset-After``, else ``Retry-After`` (whole seconds, so the least
+    precise: taking the largest hint would turn every 0.3 s wait into 1 s); capped at
+    ``max_seconds`` so a bogus hint cannot park the caller for an hour.
+    """
+    candidates: list[str | float | None] = []
     if isinstance(body, Mapping):
         value = body.get("retry_after")
         if isinstance(value, int | float) and not isinstance(value, bool):
-            hints.append(float(value))
-    for header in ("Retry-After", "X-RateLimit-Reset-After"):
-        raw = response.headers.get(header)
-        if raw is None:
+            candidates.append(value)
+    candidates += [response.headers.get("X-RateLimit-Reset-After"), response.headers.get("Retry-After")]
+    for candidate in candidates:
+        if candidate is None:
             continue
         try:
-            hints.append(float(raw))
+            seconds = float(candidate)
         except ValueError:
-            continue  # an HTTP-date Retry-After: fall back to our own backoff
-    hints = [h for h in hints if math.isfinite(h) and h >= 0]
-    return max(hints) if hints else None
+            continue  # an HTTP-date Retry-After: try the next source
+        if math.isfinite(seconds) and seconds >= 0:
+            return min(seconds, max_seconds)
+    return None
 
 
 def _parse_body(response: httpx.Response) -> Any:
@@ -172,8 +178,12 @@ async def send_command(
     headers: Mapping[str, str] | None = None,
     policy: RetryPolicy,
     backoff: FullJitterBackoff,
+    sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
 ) -> Receipt:
-    """Send one command with bounded, idempotent retries (see the module docstring)."""
+    """Send one command with bounded, idempotent retries (see the module docstring).
+
+    ``sleep`` waits between attempts (tests pass a recording fake).
+    """
     if nonce is None and isinstance(json, Mapping) and isinstance(json.get("nonce"), str):
         nonce = json["nonce"]
     key = nonce if nonce is not None else new_nonce()
@@ -203,7 +213,7 @@ async def send_command(
                 )
             if status != 429 and status < 500:
                 raise CommandError(status, body)
-            hint = _retry_hint(response, body)
+            hint = retry_hint(response, body, policy.max_retry_after)
             problem = f"HTTP {status}"
         if attempts >= policy.max_attempts:
             raise CommandFailed(
@@ -212,7 +222,7 @@ async def send_command(
                 attempts=attempts,
                 last_status=status,
             )
-        delay = backoff.next_delay() if hint is None else min(hint, policy.max_retry_after)
+        delay = backoff.next_delay() if hint is None else hint
         if anyio.current_time() + delay >= deadline:
             raise CommandFailed(
                 f"deadline of {policy.deadline}s reached ({problem})",
@@ -220,4 +230,4 @@ async def send_command(
                 attempts=attempts,
                 last_status=status,
             )
-        await anyio.sleep(delay)
+        await sleep(delay)

@@ -49,11 +49,28 @@ class Phase(enum.Enum):
     CLOSING = "closing"
 
 
+def _redact(d: Any) -> Any:
+    # IDENTIFY and RESUME carry the bearer token: keep it out of reprs, logs and tracebacks.
+    if isinstance(d, dict) and "token" in d:
+        return {**d, "token": "<redacted>"}
+    return d
+
+
 class SendFrame(msgspec.Struct, frozen=True):
-    """Action: send this frame to the server."""
+    """Action: send this frame to the server.
+
+    Its repr hides ``d["token"]`` (IDENTIFY/RESUME): actions end up in debug logs, assertion
+    messages and tracebacks, a credential must not. The encoded frame keeps the real token.
+    """
 
     op: int
     d: Any
+
+    def __repr__(self) -> str:
+        return f"SendFrame(op={self.op!r}, d={_redact(self.d)!r})"
+
+    def __rich_repr__(self) -> list[tuple[str, Any]]:
+        return [("op", self.op), ("d", _redact(self.d))]
 
 
 class Deliver(msgspec.Struct, frozen=True):

@@ -65,10 +65,24 @@ export class SplitchatHTTPError extends Error {
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 const RETRYABLE_STATUS = new Set([408, 425, 429, 500, 502, 503, 504]);
 
-function retryAfterSeconds(response, body) {
-  if (body && typeof body.retry_after === "number") return body.retry_after;
-  const header = Number(response.headers.get("Retry-After"));
-  return Number.isFinite(header) ? header : 1;
+/**
+ * Seconds a 429/5xx answer asks the client to wait, or null without a usable hint. One rule,
+ * shared with the Python client: the precise body `retry_after` (float seconds) first, else
+ * `X-RateLimit-Reset-After`, else `Retry-After` (whole seconds: the least precise); capped at
+ * `maxSeconds` so a bogus hint cannot park the caller for an hour.
+ */
+export function retryAfterSeconds(response, body, maxSeconds = 60) {
+  const candidates = [
+    body && typeof body.retry_after === "number" ? body.retry_after : null,
+    response.headers.get("X-RateLimit-Reset-After"),
+    response.headers.get("Retry-After"),
+  ];
+  for (const candidate of candidates) {
+    if (candidate === null || candidate === undefined || candidate === "") continue;
+    const seconds = Number(candidate);
+    if (Number.isFinite(seconds) && seconds >= 0) return Math.min(seconds, maxSeconds);
+  }
+  return null;
 }
 
 function gatewayUrlFrom(gatewayUrl) {
@@ -97,6 +111,7 @@ export class SplitchatClient {
     onResync = null,
     backoff = { base: 500, cap: 30000 },
     maxRetries = 5,
+    maxRetryAfter = 60,
     WebSocketImpl = globalThis.WebSocket,
     fetchImpl = globalThis.fetch ? globalThis.fetch.bind(globalThis) : null,
   } = {}) {
@@ -108,6 +123,7 @@ export class SplitchatClient {
     this.onResync = onResync;
     this.backoff = backoff;
     this.maxRetries = maxRetries;
+    this.maxRetryAfter = maxRetryAfter;
     this._WebSocket = WebSocketImpl;
     this._fetch = fetchImpl;
 
@@ -233,7 +249,8 @@ export class SplitchatClient {
       }
       if (response.ok) return parsed;
       if (response.status === 429) {
-        const retryAfter = retryAfterSeconds(response, parsed);
+        const hint = retryAfterSeconds(response, parsed, this.maxRetryAfter);
+        const retryAfter = hint === null ? backoffDelay(attempt, this.backoff) / 1000 : hint;
         this._rateLimited({
           retryAfter,
           scope: response.headers.get("X-RateLimit-Scope"),

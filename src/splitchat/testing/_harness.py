@@ -100,6 +100,9 @@ class GatewayCommunicator:
         self._from_app_send, self._from_app_recv = anyio.create_memory_object_stream[Message](buffer)
         self._flowing = anyio.Event()
         self._flowing.set()
+        self._close_attempted = anyio.Event()
+        #: Code of the ``websocket.close`` the app sent or is trying to send (even while stalled).
+        self.close_attempted: int | None = None
         self._disconnected = False
         self._app_done = anyio.Event()
         self._app_error: BaseException | None = None
@@ -149,6 +152,9 @@ class GatewayCommunicator:
     async def _app_send(self, message: Message) -> None:
         if self._disconnected:
             raise ClientDisconnected("the test client disconnected")
+        if message["type"] == "websocket.close" and self.close_attempted is None:
+            self.close_attempted = int(message.get("code", 1000))
+            self._close_attempted.set()
         await self._flowing.wait()
         try:
             await self._from_app_send.send(message)
@@ -299,6 +305,18 @@ class GatewayCommunicator:
             await self._to_app_send.send({"type": "websocket.disconnect", "code": code})
         self._to_app_send.close()
 
+    async def wait_close_attempted(self, timeout: float | None = None) -> int:
+        """Wait until the app tries to close the socket (even while :meth:`stall` holds its frames
+        back) and return the code: observe a slow-consumer close without unstalling first."""
+        limit = self.timeout if timeout is None else timeout
+        try:
+            with anyio.fail_after(limit):
+                await self._close_attempted.wait()
+        except TimeoutError:
+            raise TimeoutError(f"the gateway did not try to close within {limit} s") from None
+        assert self.close_attempted is not None
+        return self.close_attempted
+
     def stall(self) -> None:
         """Stop reading: the app's next ``send()`` blocks (a slow consumer with a full TCP window)."""
         if self._flowing.is_set():
@@ -402,8 +420,12 @@ class GatewayFaults:
         return len(links)
 
     async def reconnect(self) -> int:
-        """Send RECONNECT and drop every open connection (sessions stay resumable); return how many."""
-        return await self._break({"op": 7, "d": None, "s": None, "t": None}, 4000, ABNORMAL_CLOSURE)
+        """Send RECONNECT and drop every open connection (sessions stay resumable); return how many.
+
+        Closes with 1012 (service restart) like the real gateway does after RECONNECT (see
+        docs/protocol.md), so a client under test sees exactly what a draining node sends.
+        """
+        return await self._break({"op": 7, "d": None, "s": None, "t": None}, 1012, ABNORMAL_CLOSURE)
 
     async def invalidate_sessions(self) -> int:
         """Send INVALID_SESSION (not resumable) and end every open session; return how many."""
