@@ -146,6 +146,28 @@ async def test_idempotency_release_lets_a_retry_run_and_claims_expire(
     assert (await node_a.claim("k", "fp", 10)).state == "claimed"
 
 
+async def test_a_late_owner_cannot_release_or_overwrite_a_newer_claim(
+    prefix: str, clients: tuple[aioredis.Redis, aioredis.Redis]
+) -> None:
+    node_a, node_b = (RedisIdempotencyStore(c, prefix=prefix) for c in clients)
+    first = await node_a.claim("k", "fp", 0.2)
+    assert first.state == "claimed" and first.owner
+    await anyio.sleep(0.35)  # A's claim expires while A is still (slowly) running
+    second = await node_b.claim("k", "fp", 10)
+    assert second.state == "claimed" and second.owner and second.owner != first.owner
+    await node_a.release("k", owner=first.owner)  # late: must not delete B's claim
+    assert (await node_a.claim("k", "fp", 10)).state == "in_progress"
+    late = StoredResponse(500, [], b"late")
+    await node_a.complete("k", "fp", late, 10, owner=first.owner)  # late: must not overwrite
+    assert (await node_a.claim("k", "fp", 10)).state == "in_progress"
+    mine = StoredResponse(200, [], b"{}")
+    await node_b.complete("k", "fp", mine, 10, owner=second.owner)
+    done = await node_a.claim("k", "fp", 10)
+    assert (done.state, done.response) == ("completed", mine)
+    await node_b.release("k", owner=second.owner)  # a completed entry is never released
+    assert (await node_a.claim("k", "fp", 10)).state == "completed"
+
+
 async def test_idempotency_store_down_is_reported_as_unavailable() -> None:
     from ._servers import free_port
 
