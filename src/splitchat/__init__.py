@@ -26,6 +26,7 @@ from ._events import Event, decode_event, encode_event
 # --- gateway (WebSocket-out half) ---
 from ._frames import ClientFrame, Dispatch, FrameError, decode_client_frame
 from ._gateway import Gateway
+from ._gateway_server import GatewayServer, serve_gateway  # gateway fast path (perf)
 from ._idempotency import (
     ClaimResult,
     IdempotencyStore,
@@ -112,6 +113,10 @@ __all__ = (
     "browser_client_path",
     "static_files",
     # --- end browser client ---
+    # --- gateway fast path (perf) ---
+    "GatewayServer",
+    "serve_gateway",
+    # --- end gateway fast path ---
     "AuthenticationError",
     "Authenticator",
     "Bus",

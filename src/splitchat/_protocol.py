@@ -253,10 +253,14 @@ class SessionState:
 
 
 class _Out:
-    __slots__ = ("ephemeral", "frame", "size")
+    """A queued frame. A dispatch is kept as (shared ``Dispatch``, seq) and rendered only when the
+    writer takes it: a queue of N recipients costs N small objects, not N copies of the frame."""
 
-    def __init__(self, frame: OutFrame | Close, size: int, ephemeral: bool) -> None:
-        self.frame = frame
+    __slots__ = ("ephemeral", "item", "seq", "size")
+
+    def __init__(self, item: OutFrame | Close | Dispatch, seq: int, size: int, ephemeral: bool) -> None:
+        self.item = item
+        self.seq = seq
         self.size = size
         self.ephemeral = ephemeral
 
@@ -464,7 +468,7 @@ class GatewayConnection:
         skipped = session.seq - self._resume_seq - len(replay)
         self.state = ConnectionState.CONNECTED
         for seq, dispatch in replay:
-            self._push(dispatch.render(self.encoding, seq), dispatch.approximate_size(), False)
+            self._push(dispatch, seq, dispatch.approximate_size(), False)
         replayed = len(replay)
         for dispatch in missed:
             if dispatch.channel in session.channels and not session.is_duplicate(dispatch):
@@ -497,7 +501,19 @@ class GatewayConnection:
             return None
         out = self._outbox.popleft()
         self.outbox_bytes -= out.size
-        return out.frame
+        item = out.item
+        if isinstance(item, Dispatch):
+            return item.render(self.encoding, out.seq)
+        return item
+
+    def next_outgoing_unrendered(self) -> tuple[OutFrame | Close | Dispatch, int] | None:
+        """Like :meth:`next_outgoing` but a dispatch comes back as ``(Dispatch, seq)``, for an I/O
+        layer that renders it straight into its own buffer (``Dispatch.json_prefix_bytes``)."""
+        if not self._outbox:
+            return None
+        out = self._outbox.popleft()
+        self.outbox_bytes -= out.size
+        return out.item, out.seq
 
     @property
     def outbox_frames(self) -> int:
@@ -615,13 +631,13 @@ class GatewayConnection:
         assert session is not None
         seq = session.assign(dispatch, now, self.config)
         if self.state is ConnectionState.CONNECTED:
-            self._push(dispatch.render(self.encoding, seq), dispatch.approximate_size(), dispatch.ephemeral)
+            self._push(dispatch, seq, dispatch.approximate_size(), dispatch.ephemeral)
 
     def _control(self, op: int, d: Any) -> None:
         frame = encode_control(self.encoding, op, d)
-        self._push(frame, len(frame), False)
+        self._push(frame, 0, len(frame), False)
 
-    def _push(self, frame: OutFrame, size: int, ephemeral: bool) -> None:
+    def _push(self, item: OutFrame | Dispatch, seq: int, size: int, ephemeral: bool) -> None:
         cfg = self.config
         outbox = self._outbox
         if len(outbox) + 1 > cfg.send_queue_frames or self.outbox_bytes + size > cfg.send_queue_bytes:
@@ -635,7 +651,7 @@ class GatewayConnection:
                 if not ephemeral:
                     self._close(CloseCode.SLOW_CONSUMER, "slow consumer", flush=False)
                 return
-        outbox.append(_Out(frame, size, ephemeral))
+        outbox.append(_Out(item, seq, size, ephemeral))
         self.outbox_bytes += size
         if len(outbox) > self.outbox_peak_frames:
             self.outbox_peak_frames = len(outbox)
@@ -653,7 +669,7 @@ class GatewayConnection:
             self._outbox.clear()
             self.outbox_bytes = 0
         close = Close(code, reason, resumable)
-        self._outbox.append(_Out(close, 0, False))
+        self._outbox.append(_Out(close, 0, 0, False))
         self._actions.append(close)
 
     def _take(self) -> list[Action]:
