@@ -26,7 +26,7 @@ import logging
 import socket
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Self
+from typing import Self, cast
 
 from ._frames import Dispatch, Encoding
 from ._gateway import Gateway, _Local
@@ -129,8 +129,8 @@ class _GatewayProtocol(asyncio.Protocol):
     # ---- asyncio callbacks -----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = transport = cast(asyncio.Transport, transport)
         self.server._watch(self)
         transport.set_write_buffer_limits(high=self.server.write_buffer_limit)
         sock = transport.get_extra_info("socket")
