@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +43,7 @@ __all__ = (
     "GatewayConfig",
     "GatewayConnection",
     "Op",
+    "ReplayBuffer",
     "ResumeLookup",
     "SessionState",
     "Subscribe",
@@ -184,6 +185,64 @@ class ConnectionState(enum.Enum):
     CLOSED = "closed"
 
 
+class ReplayBuffer:
+    """A session's replay buffer: ``(seq, time, Dispatch)`` entries, oldest first, stored compactly.
+
+    It behaves like the deque of tuples it replaces (``append``, ``popleft``, iteration, ``len``)
+    but keeps no tuple and no ``int`` per entry: the dispatches and their times (the float object
+    of one fan-out is shared by every recipient) sit in two deques and the sequence numbers as
+    runs of consecutive values (they only jump where an ephemeral dispatch was not buffered).
+    Measured: ~16 bytes per entry instead of ~104, which for 1,000 sessions holding 250 events
+    each is 4 MiB instead of 25.
+    """
+
+    __slots__ = ("_dispatches", "_runs", "_times")
+
+    def __init__(self) -> None:
+        self._dispatches: deque[Dispatch] = deque()
+        self._times: deque[float] = deque()
+        self._runs: deque[list[int]] = deque()  # [first seq, count] of consecutive seqs
+
+    def append(self, entry: tuple[int, float, Dispatch]) -> None:
+        """Add the newest entry (its seq must be above every buffered one)."""
+        seq, at, dispatch = entry
+        self._dispatches.append(dispatch)
+        self._times.append(at)
+        runs = self._runs
+        if runs and runs[-1][0] + runs[-1][1] == seq:
+            runs[-1][1] += 1
+        else:
+            runs.append([seq, 1])
+
+    def popleft(self) -> tuple[int, float, Dispatch]:
+        """Remove and return the oldest entry."""
+        run = self._runs[0]
+        seq = run[0]
+        if run[1] == 1:
+            self._runs.popleft()
+        else:
+            run[0] += 1
+            run[1] -= 1
+        return seq, self._times.popleft(), self._dispatches.popleft()
+
+    def oldest_time(self) -> float:
+        """When the oldest entry was buffered (the buffer must not be empty)."""
+        return self._times[0]
+
+    def __len__(self) -> int:
+        return len(self._dispatches)
+
+    def __bool__(self) -> bool:
+        return bool(self._dispatches)
+
+    def __iter__(self) -> Iterator[tuple[int, float, Dispatch]]:
+        entries = zip(self._times, self._dispatches, strict=True)
+        for first, count in self._runs:
+            for seq in range(first, first + count):
+                at, dispatch = next(entries)
+                yield seq, at, dispatch
+
+
 class SessionState:
     """What a session is, independent of any one connection: the part that resume restores.
 
@@ -211,7 +270,7 @@ class SessionState:
         self.channels: set[str] = set()
         self.seq = 0
         self.positions: dict[str, Position] = {}
-        self.buffer: deque[tuple[int, float, Dispatch]] = deque()
+        self.buffer = ReplayBuffer()
         self.buffer_bytes = 0
         self.buffer_floor = 0
 
@@ -241,7 +300,7 @@ class SessionState:
         while buffer and (
             len(buffer) > config.replay_frames
             or self.buffer_bytes > config.replay_bytes
-            or buffer[0][1] < horizon
+            or buffer.oldest_time() < horizon
         ):
             seq, _, old = buffer.popleft()
             self.buffer_bytes -= old.approximate_size()
