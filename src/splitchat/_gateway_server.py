@@ -36,6 +36,7 @@ from ._websocket import (
     OP_BINARY,
     OP_CLOSE,
     OP_PING,
+    OP_PONG,
     OP_TEXT,
     FrameParser,
     HandshakeError,
@@ -263,7 +264,7 @@ class _GatewayProtocol(asyncio.Protocol):
             if local is None or self.parser is None:
                 return
             if opcode == OP_PING:
-                self._write_control(frame_header(0xA, len(payload)) + payload)
+                self._write_control(frame_header(OP_PONG, len(payload)) + payload)
                 continue
             if opcode == OP_CLOSE:
                 self._client_closed(parse_close(payload))
@@ -272,7 +273,7 @@ class _GatewayProtocol(asyncio.Protocol):
                 continue  # pong
             core = local.core
             if core.state is ConnectionState.CLOSED:
-                return
+                continue  # after our close only the client's close frame matters
             actions = core.receive_data(payload, self.server.gateway._clock())
             if actions and not all(isinstance(a, _SYNC_ACTIONS) for a in actions):
                 # The application's async callbacks are needed: stop reading until they are done,
