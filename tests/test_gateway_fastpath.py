@@ -22,7 +22,7 @@ import httpx
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from splitchat import Dispatch, Gateway, GatewayConnection, GatewayServer, InMemoryBus
+from splitchat import Dispatch, Gateway, GatewayConnection, GatewayServer, InMemoryBus, serve_gateway
 from splitchat._protocol import ReplayBuffer
 from splitchat._websocket import (
     OP_BINARY,
@@ -430,3 +430,30 @@ class _PortOnly:
 
     def ws_url(self, encoding: str = "json") -> str:
         return f"ws://127.0.0.1:{self.port}/gateway?encoding={encoding}"
+
+
+async def test_serve_gateway_runs_a_gateway_until_cancelled() -> None:
+    import socket
+
+    with socket.socket() as probe:  # a free port (serve_gateway takes a port number, like uvicorn)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    async with InMemoryBus() as bus:
+        gateway = Gateway(bus, authenticator)
+        task = asyncio.create_task(serve_gateway(gateway, "127.0.0.1", port))
+        try:
+            harness: Any = _PortOnly(port)
+            with anyio.fail_after(5):
+                while True:
+                    try:
+                        ws, ready = await identify(harness, channels=["room"])
+                        break
+                    except OSError:
+                        await asyncio.sleep(0.02)  # not listening yet
+            assert ready["d"]["subscriptions"] == ["room"]
+            await ws.close()
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        assert gateway.connection_count == 0
