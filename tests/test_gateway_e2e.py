@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import anyio
@@ -33,12 +33,28 @@ def anyio_backend() -> str:
     return "asyncio"  # uvicorn in-process and the websockets client are asyncio-only
 
 
+_FAST = False  # set per test by the fixture below
+
+
+@pytest.fixture(autouse=True, params=["asgi", "fast"])
+def gateway_transport(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every scenario runs against the ASGI route (uvicorn) and the GatewayServer fast path."""
+    global _FAST
+    _FAST = request.param == "fast"
+    yield request.param
+    _FAST = False
+
+
+def _serve(bus: InMemoryBus, gateway: Gateway) -> AbstractAsyncContextManager[Server]:
+    return serve(make_app(bus, gateway), fast=gateway if _FAST else None)
+
+
 @asynccontextmanager
 async def running(**options: Any) -> AsyncIterator[tuple[Server, Gateway, InMemoryBus, httpx.AsyncClient]]:
     async with InMemoryBus() as bus:
         gateway = Gateway(bus, authenticator, **options)
         async with gateway:
-            async with serve(make_app(bus, gateway)) as server:
+            async with _serve(bus, gateway) as server:
                 async with httpx.AsyncClient(base_url=server.base) as http:
                     yield server, gateway, bus, http
 
@@ -379,7 +395,7 @@ async def test_drain_reconnect_then_resume_on_another_gateway() -> None:
     async with InMemoryBus() as bus:
         first = Gateway(bus, authenticator, session_store=store)
         await first.start()
-        async with serve(make_app(bus, first)) as server1:
+        async with _serve(bus, first) as server1:
             async with httpx.AsyncClient(base_url=server1.base) as http:
                 ws, ready = await identify(server1, channels=["room"])
                 session_id = ready["d"]["session_id"]
@@ -398,7 +414,7 @@ async def test_drain_reconnect_then_resume_on_another_gateway() -> None:
         await first.close()
         second = Gateway(bus, authenticator, session_store=store)
         async with second:
-            async with serve(make_app(bus, second)) as server2:
+            async with _serve(bus, second) as server2:
                 async with httpx.AsyncClient(base_url=server2.base) as http:
                     ws2, _ = await _connect_hello(server2)
                     await send(

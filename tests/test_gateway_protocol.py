@@ -220,7 +220,7 @@ def test_outbox_overflow_drops_ephemeral_first_then_closes_4010() -> None:
     assert conn.deliver(event(8, ephemeral=True), 1.0) == []  # the older ephemeral one made room
     assert conn.outbox_frames == 5
     assert conn.deliver(event(9), 1.0) == []  # ... and so did this one for a durable event
-    assert [json.loads(f)["d"]["n"] for f in [o.frame for o in conn._outbox]] == [1, 3, 5, 6, 9]
+    assert [json.loads(o.item.render("json", o.seq))["d"]["n"] for o in conn._outbox] == [1, 3, 5, 6, 9]
     (close,) = conn.deliver(event(10), 1.0)
     assert isinstance(close, Close) and close.code == 4010 and close.resumable
     assert drain(conn) == [close]  # the queue is discarded: a stalled client gets only the close
