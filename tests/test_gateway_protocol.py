@@ -400,14 +400,17 @@ def test_session_record_round_trips_through_msgpack() -> None:
     conn = connected()
     conn.deliver(event(1), 1.0)
     conn.deliver(event(2, ephemeral=True), 1.0)
+    conn.deliver(event(3), 1.0)
     assert conn.session is not None
     record = SessionRecord.from_state(conn.session, expires_at=123.0)
     wire = msgspec.msgpack.encode(record)  # what a Redis store would keep
     back = msgspec.msgpack.decode(wire, type=SessionRecord).to_state(5.0)
-    assert back.seq == 3 and back.channels == {"room"} and back.positions == {"room": Position("e1", 1)}
-    assert [(s, d.render("json", s)) for s, _, d, _ in back.buffer] == [
-        (s, d.render("json", s)) for s, _, d, _ in conn.session.buffer
+    assert back.seq == 4 and back.channels == {"room"} and back.positions == {"room": Position("e1", 3)}
+    assert [(s, d.render("json", s), p) for s, _, d, p in back.buffer] == [
+        (s, d.render("json", s), p) for s, _, d, p in conn.session.buffer
     ]
+    # each entry's crash-checkpoint seam survives too: event 3's is event 1's position
+    assert [p for _, _, _, p in back.buffer][-1] == Position("e1", 1)
 
 
 async def test_in_memory_session_store_take_once_and_expiry() -> None:
