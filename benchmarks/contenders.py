@@ -89,5 +89,12 @@ CONTENDERS: dict[str, Contender] = {
             (("splitchat", "Gateway"), ("splitchat", "CommandEndpoint")),
             cross_node=("redis", "splitchat.bus.redis"),
         ),
+        Contender(
+            "splitchat-fast",
+            "benchmarks.servers.splitchat_fast_server",
+            ("splitchat", "uvicorn"),
+            (("splitchat", "GatewayServer"), ("splitchat", "CommandEndpoint")),
+            cross_node=("redis", "splitchat.bus.redis"),
+        ),
     )
 }

@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 from websockets.asyncio.client import ClientConnection, connect
 
-from splitchat import Bus, Gateway, Principal, StaticTokenAuthenticator, encode_event
+from splitchat import Bus, Gateway, GatewayServer, Principal, StaticTokenAuthenticator, encode_event
 
 TOKENS = {f"token-{i}": Principal(id=f"u{i}", name=f"user {i}") for i in range(200)}
 authenticator = StaticTokenAuthenticator(TOKENS)
@@ -53,28 +53,37 @@ def make_app(bus: Bus, gateway: Gateway) -> Starlette:
 
 
 class Server:
-    def __init__(self, server: uvicorn.Server) -> None:
+    """Where the test talks to: uvicorn (HTTP, and the gateway's ASGI route) and, on the fast
+    path, the :class:`splitchat.GatewayServer` port that serves the gateway instead."""
+
+    def __init__(self, server: uvicorn.Server, ws_port: int | None = None) -> None:
         self.server = server
         sockets = server.servers[0].sockets
         self.port = sockets[0].getsockname()[1]
+        self.ws_port = ws_port if ws_port is not None else self.port
         self.base = f"http://127.0.0.1:{self.port}"
 
     def ws_url(self, encoding: str = "json") -> str:
-        return f"ws://127.0.0.1:{self.port}/gateway?encoding={encoding}"
+        return f"ws://127.0.0.1:{self.ws_port}/gateway?encoding={encoding}"
 
 
 @asynccontextmanager
-async def serve(app: Any) -> AsyncIterator[Server]:
-    """Run ``app`` under uvicorn on an ephemeral loopback port for the block's duration."""
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, ws="websockets-sansio", lifespan="off", log_level="warning"
-    )
+async def serve(
+    app: Any, *, fast: Gateway | None = None, ws: str = "websockets-sansio"
+) -> AsyncIterator[Server]:
+    """Run ``app`` under uvicorn on an ephemeral loopback port for the block's duration; with
+    ``fast``, that gateway is also served by a :class:`splitchat.GatewayServer` (``ws_url``)."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, ws=ws, lifespan="off", log_level="warning")  # type: ignore[arg-type]
     server = uvicorn.Server(config)
     async with anyio.create_task_group() as tg:
         tg.start_soon(server.serve)
         await wait_until(lambda: server.started, 10)
         try:
-            yield Server(server)
+            if fast is None:
+                yield Server(server)
+            else:
+                async with GatewayServer(fast, host="127.0.0.1", port=0) as gateway_server:
+                    yield Server(server, gateway_server.port)
         finally:
             server.should_exit = True
 
@@ -166,7 +175,7 @@ class RawClient:
         import asyncio
 
         loop = asyncio.get_running_loop()
-        await loop.sock_connect(self.sock, ("127.0.0.1", self.server.port))
+        await loop.sock_connect(self.sock, ("127.0.0.1", self.server.ws_port))
         self.protocol.send_request(self.protocol.connect())
         await self._flush()
 

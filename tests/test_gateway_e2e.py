@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import anyio
@@ -33,12 +33,28 @@ def anyio_backend() -> str:
     return "asyncio"  # uvicorn in-process and the websockets client are asyncio-only
 
 
+_FAST = False  # set per test by the fixture below
+
+
+@pytest.fixture(autouse=True, params=["asgi", "fast"])
+def gateway_transport(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every scenario runs against the ASGI route (uvicorn) and the GatewayServer fast path."""
+    global _FAST
+    _FAST = request.param == "fast"
+    yield request.param
+    _FAST = False
+
+
+def _serve(bus: InMemoryBus, gateway: Gateway) -> AbstractAsyncContextManager[Server]:
+    return serve(make_app(bus, gateway), fast=gateway if _FAST else None)
+
+
 @asynccontextmanager
 async def running(**options: Any) -> AsyncIterator[tuple[Server, Gateway, InMemoryBus, httpx.AsyncClient]]:
     async with InMemoryBus() as bus:
         gateway = Gateway(bus, authenticator, **options)
         async with gateway:
-            async with serve(make_app(bus, gateway)) as server:
+            async with _serve(bus, gateway) as server:
                 async with httpx.AsyncClient(base_url=server.base) as http:
                     yield server, gateway, bus, http
 
@@ -379,7 +395,7 @@ async def test_drain_reconnect_then_resume_on_another_gateway() -> None:
     async with InMemoryBus() as bus:
         first = Gateway(bus, authenticator, session_store=store)
         await first.start()
-        async with serve(make_app(bus, first)) as server1:
+        async with _serve(bus, first) as server1:
             async with httpx.AsyncClient(base_url=server1.base) as http:
                 ws, ready = await identify(server1, channels=["room"])
                 session_id = ready["d"]["session_id"]
@@ -398,7 +414,7 @@ async def test_drain_reconnect_then_resume_on_another_gateway() -> None:
         await first.close()
         second = Gateway(bus, authenticator, session_store=store)
         async with second:
-            async with serve(make_app(bus, second)) as server2:
+            async with _serve(bus, second) as server2:
                 async with httpx.AsyncClient(base_url=server2.base) as http:
                     ws2, _ = await _connect_hello(server2)
                     await send(
@@ -444,3 +460,67 @@ async def test_resume_while_the_old_socket_is_still_open_supersedes_it() -> None
         await ws.close()
         await wait_until(lambda: not gateway.session_ids())
         assert await gateway.presence.members("room") == []
+
+
+async def _messages(ws: Any, count: int) -> list[dict[str, Any]]:
+    """The next ``count`` MESSAGE_CREATE dispatches (skipping presence and other frames)."""
+    got: list[dict[str, Any]] = []
+    while len(got) < count:
+        frame = await recv(ws)
+        if frame.get("t") == "MESSAGE_CREATE":
+            got.append(frame)
+    return got
+
+
+async def test_crash_checkpoint_resume_on_another_node_and_the_zombie_is_closed() -> None:
+    """No full record was ever saved (the first node "crashed": its socket is still open, it
+    never drained or detached): a second node resumes the session from the checkpoint that the
+    client's heartbeat acknowledgement produced, and the first node's next checkpoint write is
+    refused, which closes its now stale socket 4000. On both the ASGI route and the fast path."""
+    store = InMemorySessionStore()
+    async with InMemoryBus() as bus:
+        options: dict[str, Any] = {"session_store": store, "checkpoint_interval": 0.05}
+        first = Gateway(bus, authenticator, node_id="node-a", **options)
+        second = Gateway(bus, authenticator, node_id="node-b", **options)
+        async with first, second, _serve(bus, first) as server1, _serve(bus, second) as server2:
+            async with httpx.AsyncClient(base_url=server1.base) as http:
+                old, ready = await identify(server1, channels=["room"])
+                session_id = ready["d"]["session_id"]
+                for n in range(3):
+                    await post(http, "room", {"n": n})
+                sent = await _messages(old, 3)
+                acked, last_seq = sent[1]["s"], sent[2]["s"]  # it processed all 3, acknowledged 2
+                await send(old, {"op": 1, "d": acked})
+                assert (await recv(old))["op"] == 11
+
+                def checkpointed() -> bool:
+                    record = store._records.get(session_id)
+                    return record is not None and record.checkpoint and record.seq == acked
+
+                await wait_until(checkpointed)
+
+                ws, _ = await _connect_hello(server2)
+                await send(
+                    ws, {"op": 6, "d": {"token": "token-1", "session_id": session_id, "seq": last_seq}}
+                )
+                got = [await recv(ws)]
+                while got[-1].get("t") != "RESUMED":
+                    got.append(await recv(ws))
+                resent = [f for f in got if f.get("t") == "MESSAGE_CREATE"]
+                # Everything after the acknowledged seq is sent again (the client dedupes by id).
+                assert [f["d"] for f in resent] == [{"n": 2}]
+                assert resent[0]["id"] == sent[2]["id"]
+                assert [f["s"] for f in resent] == [last_seq + 1]
+                assert got[-1]["d"]["duplicates_possible"] is True
+
+                await post(http, "room", {"n": 3})
+                (live,) = await _messages(ws, 1)
+                assert live["d"] == {"n": 3} and live["s"] > got[-1]["s"]
+                # The zombie still gets it from its own node, acknowledges it, and that
+                # checkpoint write is refused: node-b owns the session now.
+                (stale,) = await _messages(old, 1)
+                await send(old, {"op": 1, "d": stale["s"]})
+                await expect_close(old, 4000)
+                assert first.session_ids() == []
+                assert second.session_ids() == [session_id]
+                await ws.close()

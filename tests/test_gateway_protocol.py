@@ -220,7 +220,7 @@ def test_outbox_overflow_drops_ephemeral_first_then_closes_4010() -> None:
     assert conn.deliver(event(8, ephemeral=True), 1.0) == []  # the older ephemeral one made room
     assert conn.outbox_frames == 5
     assert conn.deliver(event(9), 1.0) == []  # ... and so did this one for a durable event
-    assert [json.loads(f)["d"]["n"] for f in [o.frame for o in conn._outbox]] == [1, 3, 5, 6, 9]
+    assert [json.loads(o.item.render("json", o.seq))["d"]["n"] for o in conn._outbox] == [1, 3, 5, 6, 9]
     (close,) = conn.deliver(event(10), 1.0)
     assert isinstance(close, Close) and close.code == 4010 and close.resumable
     assert drain(conn) == [close]  # the queue is discarded: a stalled client gets only the close
@@ -400,14 +400,17 @@ def test_session_record_round_trips_through_msgpack() -> None:
     conn = connected()
     conn.deliver(event(1), 1.0)
     conn.deliver(event(2, ephemeral=True), 1.0)
+    conn.deliver(event(3), 1.0)
     assert conn.session is not None
     record = SessionRecord.from_state(conn.session, expires_at=123.0)
     wire = msgspec.msgpack.encode(record)  # what a Redis store would keep
     back = msgspec.msgpack.decode(wire, type=SessionRecord).to_state(5.0)
-    assert back.seq == 3 and back.channels == {"room"} and back.positions == {"room": Position("e1", 1)}
-    assert [(s, d.render("json", s)) for s, _, d, _ in back.buffer] == [
-        (s, d.render("json", s)) for s, _, d, _ in conn.session.buffer
+    assert back.seq == 4 and back.channels == {"room"} and back.positions == {"room": Position("e1", 3)}
+    assert [(s, d.render("json", s), p) for s, _, d, p in back.buffer] == [
+        (s, d.render("json", s), p) for s, _, d, p in conn.session.buffer
     ]
+    # each entry's crash-checkpoint seam survives too: event 3's is event 1's position
+    assert [p for _, _, _, p in back.buffer][-1] == Position("e1", 1)
 
 
 async def test_in_memory_session_store_take_once_and_expiry() -> None:

@@ -7,7 +7,7 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from benchmarks._proc import raise_fd_limit
@@ -51,12 +51,24 @@ def run(main: Coroutine[Any, Any, None]) -> None:
         uvloop.run(main)
 
 
-async def serve_asgi(app: Any, **info: Any) -> None:
-    """Serve an ASGI app with uvicorn (defaults: httptools, websockets) on one loopback socket."""
+async def serve_asgi(
+    app: Any,
+    uvicorn_options: dict[str, Any] | None = None,
+    gateway_server: Callable[[socket.socket], Awaitable[Any]] | None = None,
+    **info: Any,
+) -> None:
+    """Serve an ASGI app with uvicorn (defaults: httptools, websockets) on one loopback socket.
+
+    ``uvicorn_options`` override uvicorn's defaults (splitchat passes its documented settings);
+    ``gateway_server``, when given, is started (after the app's lifespan) on a second socket that
+    is announced as the WebSocket port (splitchat's fast path).
+    """
     import uvicorn
 
     sock = listening_socket()
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="auto")
+    config = uvicorn.Config(
+        app, log_level="warning", access_log=False, lifespan="auto", **(uvicorn_options or {})
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
@@ -65,5 +77,10 @@ async def serve_asgi(app: Any, **info: Any) -> None:
             return
         await asyncio.sleep(0.01)
     port = sock.getsockname()[1]
-    announce(ws_port=port, http_port=port, **info)
+    ws_port = port
+    if gateway_server is not None:
+        ws_sock = listening_socket()
+        await gateway_server(ws_sock)
+        ws_port = ws_sock.getsockname()[1]
+    announce(ws_port=ws_port, http_port=port, **info)
     await task

@@ -93,15 +93,19 @@ app = Starlette(
     lifespan=lifespan(bus, endpoint, gateway),
 )
 
+UVICORN_OPTIONS: dict[str, Any] = {"ws": "websockets-sansio", "ws_per_message_deflate": False}
+"""The settings docs/gateway.md recommends: the sans-I/O websockets implementation (its ``send``
+waits while the transport is above its high-water mark, which is what bounds a slow client's
+bytes) and no per-message compression (the gateway never compresses per recipient)."""
+
+SERVE_INFO: dict[str, Any] = {
+    "ws_path": "/gateway",
+    "post_path": "/api/channels/{channel}/messages",
+    "bare_post_path": "/bare/channels/{channel}/messages",
+    "post_headers": {"authorization": f"Bearer {TOKEN}"},
+    "token": TOKEN,
+    "dialect": "splitchat",
+}
+
 if __name__ == "__main__":
-    run(
-        serve_asgi(
-            app,
-            ws_path="/gateway",
-            post_path="/api/channels/{channel}/messages",
-            bare_post_path="/bare/channels/{channel}/messages",
-            post_headers={"authorization": f"Bearer {TOKEN}"},
-            token=TOKEN,
-            dialect="splitchat",
-        )
-    )
+    run(serve_asgi(app, UVICORN_OPTIONS, **SERVE_INFO))

@@ -26,6 +26,7 @@ from ._events import Event, decode_event, encode_event
 # --- gateway (WebSocket-out half) ---
 from ._frames import ClientFrame, Dispatch, FrameError, decode_client_frame
 from ._gateway import Gateway
+from ._gateway_server import GatewayServer, serve_gateway  # gateway fast path (perf)
 from ._idempotency import (
     ClaimResult,
     IdempotencyStore,
@@ -154,6 +155,10 @@ __all__ = (
     "gateway_asyncapi",
     "openapi_document",
     # --- end API documents ---
+    # --- gateway fast path (perf) ---
+    "GatewayServer",
+    "serve_gateway",
+    # --- end gateway fast path ---
     "AuthenticationError",
     "Authenticator",
     "Bus",

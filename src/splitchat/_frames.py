@@ -81,6 +81,7 @@ class Dispatch:
 
     __slots__ = (
         "_json_prefix",
+        "_json_prefix_bytes",
         "_msgpack_prefix",
         "channel",
         "data",
@@ -110,6 +111,7 @@ class Dispatch:
         self.position = position
         self.ephemeral = ephemeral
         self._json_prefix: str | None = None
+        self._json_prefix_bytes: bytes | None = None
         self._msgpack_prefix: bytes | None = None
 
     @classmethod
@@ -136,6 +138,12 @@ class Dispatch:
             parts.append(b',"s":')
             self._json_prefix = b"".join(parts).decode()
         return self._json_prefix
+
+    def json_prefix_bytes(self) -> bytes:
+        """:meth:`json_prefix` as UTF-8 bytes (for I/O layers writing bytes to a transport)."""
+        if self._json_prefix_bytes is None:
+            self._json_prefix_bytes = self.json_prefix().encode()
+        return self._json_prefix_bytes
 
     def msgpack_prefix(self) -> bytes:
         """The msgpack map header and every entry but ``s``; ``d`` is transcoded once here."""

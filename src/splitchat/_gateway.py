@@ -62,6 +62,7 @@ class _Local:
 
     __slots__ = (
         "_closing",
+        "_waiting",
         "_wake",
         "attached",
         "checkpointed_at",
@@ -81,6 +82,7 @@ class _Local:
         self.closing: Close | None = None
         self.close_sent = False
         self._wake = anyio.Event()
+        self._waiting = False
         self._closing = anyio.Event()
 
     def notify_closing(self) -> None:
@@ -90,11 +92,21 @@ class _Local:
         await self._closing.wait()
 
     def wake(self) -> None:
-        self._wake.set()
+        # Only a writer parked in wait() needs the event: a busy writer takes every queued frame
+        # before it parks again (no await between its empty check and wait()). Setting it on
+        # every delivery was ~10% of the ASGI path's CPU in fan-out.
+        if self._waiting:
+            self._waiting = False
+            self._wake.set()
 
     async def wait(self) -> None:
-        await self._wake.wait()
+        """Park until :meth:`wake`; the caller checked the outbox was empty just before."""
         self._wake = anyio.Event()
+        self._waiting = True
+        try:
+            await self._wake.wait()
+        finally:
+            self._waiting = False
 
 
 class Gateway:
@@ -479,10 +491,13 @@ class Gateway:
         local.wake()
 
     def _after(self, local: _Local, actions: Sequence[Action]) -> None:
-        """Apply the actions a synchronous input (delivery, drain) can produce: only closes."""
+        """Apply the actions that need no await: closes and checkpoints (what a delivery, a drain
+        or, on the fast path, a client acknowledgement produces)."""
         for action in actions:
             if isinstance(action, Close):
                 self._closing(local, action)
+            elif isinstance(action, Checkpoint):
+                self._dirty.add(local)
         local.wake()
 
     def _closing(self, local: _Local, close: Close) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +52,7 @@ __all__ = (
     "GatewayConfig",
     "GatewayConnection",
     "Op",
+    "ReplayBuffer",
     "ResumeLookup",
     "SessionState",
     "Subscribe",
@@ -199,6 +200,79 @@ class ConnectionState(enum.Enum):
     CLOSED = "closed"
 
 
+class ReplayBuffer:
+    """A session's replay buffer: ``(seq, time, Dispatch, previous)`` entries, oldest first, compactly.
+
+    ``previous`` is the channel's bus position before the entry's event (``None`` if unknown): crash
+    checkpoints (:meth:`SessionState.positions_at`) rewind a channel to it.
+
+    It behaves like the deque of tuples it replaces (``append``, ``popleft``, ``clear``, iteration,
+    ``len``) but keeps no tuple and no ``int`` per entry: the dispatches, their times (the float
+    object of one fan-out is shared by every recipient) and the previous positions sit in three
+    parallel deques and the sequence numbers as runs of consecutive values (they only jump where an
+    ephemeral dispatch was not buffered). A previous position is the very object the channel's
+    prior dispatch carries (``SessionState.positions`` holds ``dispatch.position``), so its deque
+    costs one reference per entry and allocates nothing. Measured with tracemalloc (1,000
+    sessions x 250 entries, everything the buffers allocate): ~38 bytes per entry, of which ~12
+    are the previous positions, against ~84 for a deque of 4-tuples: 9 MiB instead of 20.
+    """
+
+    __slots__ = ("_dispatches", "_previous", "_runs", "_times")
+
+    def __init__(self) -> None:
+        self._dispatches: deque[Dispatch] = deque()
+        self._times: deque[float] = deque()
+        self._previous: deque[Position | None] = deque()
+        self._runs: deque[list[int]] = deque()  # [first seq, count] of consecutive seqs
+
+    def append(self, entry: tuple[int, float, Dispatch, Position | None]) -> None:
+        """Add the newest entry (its seq must be above every buffered one)."""
+        seq, at, dispatch, previous = entry
+        self._dispatches.append(dispatch)
+        self._times.append(at)
+        self._previous.append(previous)
+        runs = self._runs
+        if runs and runs[-1][0] + runs[-1][1] == seq:
+            runs[-1][1] += 1
+        else:
+            runs.append([seq, 1])
+
+    def popleft(self) -> tuple[int, float, Dispatch, Position | None]:
+        """Remove and return the oldest entry."""
+        run = self._runs[0]
+        seq = run[0]
+        if run[1] == 1:
+            self._runs.popleft()
+        else:
+            run[0] += 1
+            run[1] -= 1
+        return seq, self._times.popleft(), self._dispatches.popleft(), self._previous.popleft()
+
+    def clear(self) -> None:
+        """Remove every entry."""
+        self._dispatches.clear()
+        self._times.clear()
+        self._previous.clear()
+        self._runs.clear()
+
+    def oldest_time(self) -> float:
+        """When the oldest entry was buffered (the buffer must not be empty)."""
+        return self._times[0]
+
+    def __len__(self) -> int:
+        return len(self._dispatches)
+
+    def __bool__(self) -> bool:
+        return bool(self._dispatches)
+
+    def __iter__(self) -> Iterator[tuple[int, float, Dispatch, Position | None]]:
+        entries = zip(self._times, self._dispatches, self._previous, strict=True)
+        for first, count in self._runs:
+            for seq in range(first, first + count):
+                at, dispatch, previous = next(entries)
+                yield seq, at, dispatch, previous
+
+
 class SessionState:
     """What a session is, independent of any one connection: the part that resume restores.
 
@@ -233,7 +307,7 @@ class SessionState:
         self.channels: set[str] = set()
         self.seq = 0
         self.positions: dict[str, Position] = {}
-        self.buffer: deque[tuple[int, float, Dispatch, Position | None]] = deque()
+        self.buffer = ReplayBuffer()
         self.buffer_bytes = 0
         self.buffer_floor = 0
         self.acked_seq = 0
@@ -279,7 +353,7 @@ class SessionState:
         while buffer and (
             len(buffer) > config.replay_frames
             or self.buffer_bytes > config.replay_bytes
-            or buffer[0][1] < horizon
+            or buffer.oldest_time() < horizon
         ):
             seq, _, old, _ = buffer.popleft()
             self.buffer_bytes -= old.approximate_size()
@@ -329,10 +403,14 @@ class SessionState:
 
 
 class _Out:
-    __slots__ = ("ephemeral", "frame", "size")
+    """A queued frame. A dispatch is kept as (shared ``Dispatch``, seq) and rendered only when the
+    writer takes it: a queue of N recipients costs N small objects, not N copies of the frame."""
 
-    def __init__(self, frame: OutFrame | Close, size: int, ephemeral: bool) -> None:
-        self.frame = frame
+    __slots__ = ("ephemeral", "item", "seq", "size")
+
+    def __init__(self, item: OutFrame | Close | Dispatch, seq: int, size: int, ephemeral: bool) -> None:
+        self.item = item
+        self.seq = seq
         self.size = size
         self.ephemeral = ephemeral
 
@@ -565,7 +643,7 @@ class GatewayConnection:
         self._actions.append(Checkpoint())
         self.state = ConnectionState.CONNECTED
         for seq, dispatch in replay:
-            self._push(dispatch.render(self.encoding, seq), dispatch.approximate_size(), False)
+            self._push(dispatch, seq, dispatch.approximate_size(), False)
         replayed = len(replay)
         for dispatch in missed:
             if dispatch.channel in session.channels and not session.is_duplicate(dispatch):
@@ -599,7 +677,19 @@ class GatewayConnection:
             return None
         out = self._outbox.popleft()
         self.outbox_bytes -= out.size
-        return out.frame
+        item = out.item
+        if isinstance(item, Dispatch):
+            return item.render(self.encoding, out.seq)
+        return item
+
+    def next_outgoing_unrendered(self) -> tuple[OutFrame | Close | Dispatch, int] | None:
+        """Like :meth:`next_outgoing` but a dispatch comes back as ``(Dispatch, seq)``, for an I/O
+        layer that renders it straight into its own buffer (``Dispatch.json_prefix_bytes``)."""
+        if not self._outbox:
+            return None
+        out = self._outbox.popleft()
+        self.outbox_bytes -= out.size
+        return out.item, out.seq
 
     @property
     def outbox_frames(self) -> int:
@@ -731,13 +821,13 @@ class GatewayConnection:
         assert session is not None
         seq = session.assign(dispatch, now, self.config)
         if self.state is ConnectionState.CONNECTED:
-            self._push(dispatch.render(self.encoding, seq), dispatch.approximate_size(), dispatch.ephemeral)
+            self._push(dispatch, seq, dispatch.approximate_size(), dispatch.ephemeral)
 
     def _control(self, op: int, d: Any) -> None:
         frame = encode_control(self.encoding, op, d)
-        self._push(frame, len(frame), False)
+        self._push(frame, 0, len(frame), False)
 
-    def _push(self, frame: OutFrame, size: int, ephemeral: bool) -> None:
+    def _push(self, item: OutFrame | Dispatch, seq: int, size: int, ephemeral: bool) -> None:
         cfg = self.config
         outbox = self._outbox
         if len(outbox) + 1 > cfg.send_queue_frames or self.outbox_bytes + size > cfg.send_queue_bytes:
@@ -751,7 +841,7 @@ class GatewayConnection:
                 if not ephemeral:
                     self._close(CloseCode.SLOW_CONSUMER, "slow consumer", flush=False)
                 return
-        outbox.append(_Out(frame, size, ephemeral))
+        outbox.append(_Out(item, seq, size, ephemeral))
         self.outbox_bytes += size
         if len(outbox) > self.outbox_peak_frames:
             self.outbox_peak_frames = len(outbox)
@@ -769,7 +859,7 @@ class GatewayConnection:
             self._outbox.clear()
             self.outbox_bytes = 0
         close = Close(code, reason, resumable)
-        self._outbox.append(_Out(close, 0, False))
+        self._outbox.append(_Out(close, 0, 0, False))
         self._actions.append(close)
 
     def _take(self) -> list[Action]:

@@ -72,6 +72,9 @@ class _InlineExpiryMemoryStorage(MemoryStorage):
                 del self.events[key]
 
 
+_MAX_CACHED_KEYS = 4096
+
+
 def _memory_storage() -> MemoryStorage:
     # Fall back to the stock storage if a future ``limits`` renames its private hooks.
     if hasattr(MemoryStorage, "_MemoryStorage__schedule_expiry") and hasattr(
@@ -189,6 +192,25 @@ class RateLimiter:
             self._async = _ASYNC_STRATEGIES[strategy](self._storage)
         else:
             self._sync = _SYNC_STRATEGIES[strategy](self._storage)
+        # The in-process moving window (the default) is driven through the storage directly:
+        # the same two storage calls the ``limits`` strategy makes, but with the storage key
+        # built once per (key, limit) instead of twice per hit (``key_for`` was ~3.5 us a call,
+        # a third of the limiter's cost per request).
+        self._moving_memory: _InlineExpiryMemoryStorage | None = (
+            self._storage
+            if strategy == "moving" and isinstance(self._storage, _InlineExpiryMemoryStorage)
+            else None
+        )
+        self._keys: dict[tuple[str, RateLimitItem], str] = {}
+
+    def _storage_key(self, key: str, item: RateLimitItem) -> str:
+        cache = self._keys
+        found = cache.get((key, item))
+        if found is None:
+            if len(cache) >= _MAX_CACHED_KEYS:
+                cache.clear()  # keys come from client input (ids, IPs): bound the cache
+            found = cache[(key, item)] = item.key_for(key)
+        return found
 
     @staticmethod
     def validate(limit: str) -> None:
@@ -219,8 +241,17 @@ class RateLimiter:
         ``now`` is the caller's current epoch time, only used to compute ``reset_after``.
         """
         item = parse_limit(limit) if isinstance(limit, str) else limit
-        allowed: bool = await self._call("hit", item, key, cost=cost)
-        reset, remaining = await self._call("get_window_stats", item, key)
+        storage = self._moving_memory
+        allowed: bool
+        if storage is not None:
+            storage_key = self._storage_key(key, item)
+            expiry = item.get_expiry()
+            allowed = storage.acquire_entry(storage_key, item.amount, expiry, amount=cost)
+            window_start, used = storage.get_moving_window(storage_key, item.amount, expiry)
+            reset, remaining = window_start + expiry, item.amount - used
+        else:
+            allowed = await self._call("hit", item, key, cost=cost)
+            reset, remaining = await self._call("get_window_stats", item, key)
         return _decision(allowed, item, reset, remaining, bucket or key, scope, now)
 
     async def acquire(self, key: str, limit: str | RateLimitItem, *, cost: int = 1) -> bool:
@@ -230,6 +261,10 @@ class RateLimiter:
         to the client unless exceeded (then ask :meth:`peek` for the headers).
         """
         item = parse_limit(limit) if isinstance(limit, str) else limit
+        storage = self._moving_memory
+        if storage is not None:
+            storage_key = self._storage_key(key, item)
+            return storage.acquire_entry(storage_key, item.amount, item.get_expiry(), amount=cost)
         allowed: bool = await self._call("hit", item, key, cost=cost)
         return allowed
 
