@@ -300,11 +300,14 @@ async def test_slow_consumer_4010_while_others_keep_receiving() -> None:
         assert all(got[i] == list(range(events)) for i in range(50))
         assert stalled_core().close_code == 4010
         assert 0 < peak <= queue_frames  # the outbox never exceeded its bound
-        # Reading again, the client drains what the kernel held and finds the 4010 close frame.
+        # Reading again, the client drains what the kernel held. The 4010 close frame is queued
+        # behind the backlog the client never read: if it did not fit into the socket buffers
+        # before the server's short grace for stalled clients ran out, the server aborted the
+        # connection and the client sees 1006. Either way the server closed it as 4010 (above).
         with anyio.fail_after(10):
             while await stalled.recv() is not None:
                 pass
-        assert stalled.close_code == 4010
+        assert stalled.close_code in (4010, 1006)
         stalled.close()
         await close_all(others)
 
