@@ -445,6 +445,10 @@ class GatewayConnection:
         self._catch_up: list[Dispatch] = []  # live deliveries held while a resume catches up
         self._outbox: deque[_Out] = deque()
         self.outbox_bytes = 0
+        # Frames admitted beyond the outbox bound (READY, a resume's replay + RESUMED + held
+        # events) and not yet taken: the bound is raised by them until the writer takes them.
+        self._admitted_frames = 0
+        self._admitted_bytes = 0
         self.outbox_peak_frames = 0
         self._actions: list[Action] = []
 
@@ -515,7 +519,12 @@ class GatewayConnection:
             return []
         if self.state is ConnectionState.RESUMING:
             if len(self._catch_up) >= self.config.send_queue_frames:
-                self._close(CloseCode.SLOW_CONSUMER, "too many events during resume")
+                # Resumable like every 4010: this machine gives the session up untouched (the held
+                # events were never numbered) and the I/O layer puts the session's record back
+                # (Gateway: the store record it took), so the client's next RESUME still works.
+                self._catch_up = []
+                self._close(CloseCode.SLOW_CONSUMER, "too many events during resume", resumable=True)
+                self.session = None
             else:
                 self._catch_up.append(dispatch)
             return self._take()
@@ -556,8 +565,7 @@ class GatewayConnection:
             self.resumable = connected and client_code not in (1000, 1001)
         elif client_code in (1000, 1001):
             self.resumable = False
-        self._outbox.clear()
-        self.outbox_bytes = 0
+        self._clear_outbox()
 
     # ---- answers to actions ----------------------------------------------------------------
 
@@ -642,21 +650,24 @@ class GatewayConnection:
         session.acknowledge(self._resume_seq)
         self._actions.append(Checkpoint())
         self.state = ConnectionState.CONNECTED
+        # Everything below is admitted beyond the outbox bound: a full replay must never overflow
+        # (4010 -> RESUME with the same seq -> 4010 ... forever) nor lose RESUMED, which the
+        # client waits for. The total is bounded: replay buffer + history budget + held + 1.
         for seq, dispatch in replay:
-            self._push(dispatch, seq, dispatch.approximate_size(), False)
+            self._push(dispatch, seq, dispatch.approximate_size(), False, admit=True)
         replayed = len(replay)
         for dispatch in missed:
             if dispatch.channel in session.channels and not session.is_duplicate(dispatch):
-                self._dispatch(dispatch, now)
+                self._dispatch(dispatch, now, admit=True)
                 replayed += 1
         resumed = ResumedPayload(
             replayed=replayed, skipped_ephemeral=skipped, duplicates_possible=self._duplicates_possible
         )
-        self._dispatch(Dispatch.of("RESUMED", resumed, ephemeral=True), now)
+        self._dispatch(Dispatch.of("RESUMED", resumed, ephemeral=True), now, admit=True)
         held, self._catch_up = self._catch_up, []
         for dispatch in held:
             if not session.is_duplicate(dispatch):
-                self._dispatch(dispatch, now)
+                self._dispatch(dispatch, now, admit=True)
         return self._take()
 
     def resume_rejected(self, authenticated: bool, now: float) -> list[Action]:
@@ -675,8 +686,7 @@ class GatewayConnection:
         """The next frame to send (or the final :class:`Close`), ``None`` when nothing is queued."""
         if not self._outbox:
             return None
-        out = self._outbox.popleft()
-        self.outbox_bytes -= out.size
+        out = self._taken()
         item = out.item
         if isinstance(item, Dispatch):
             return item.render(self.encoding, out.seq)
@@ -687,14 +697,28 @@ class GatewayConnection:
         layer that renders it straight into its own buffer (``Dispatch.json_prefix_bytes``)."""
         if not self._outbox:
             return None
+        out = self._taken()
+        return out.item, out.seq
+
+    def _taken(self) -> _Out:
         out = self._outbox.popleft()
         self.outbox_bytes -= out.size
-        return out.item, out.seq
+        if self._admitted_frames:
+            # FIFO: whichever frame leaves, the admitted ones are one frame closer to the door.
+            self._admitted_frames -= 1
+            self._admitted_bytes = max(self._admitted_bytes - out.size, 0)
+        return out
 
     @property
     def outbox_frames(self) -> int:
         """Frames queued and not yet taken by the writer."""
         return len(self._outbox)
+
+    @property
+    def outbox_limit_frames(self) -> int:
+        """The outbox's current frame bound: ``send_queue_frames`` plus the admitted frames
+        (READY, a resume's replay, RESUMED and held events) still queued."""
+        return self.config.send_queue_frames + self._admitted_frames
 
     # ---- handlers (the transition table's targets) ---------------------------------------
 
@@ -807,7 +831,7 @@ class GatewayConnection:
             subscriptions=granted,
             denied=denied,
         )
-        self._dispatch(Dispatch.of("READY", ready), now)
+        self._dispatch(Dispatch.of("READY", ready), now, admit=True)
         self._actions.append(Checkpoint())
 
     def _invalid_session(self) -> None:
@@ -816,28 +840,46 @@ class GatewayConnection:
         self.state = ConnectionState.AWAITING_IDENTIFY
         self._control(Op.INVALID_SESSION, False)
 
-    def _dispatch(self, dispatch: Dispatch, now: float) -> None:
+    def _dispatch(self, dispatch: Dispatch, now: float, *, admit: bool = False) -> None:
         session = self.session
         assert session is not None
         seq = session.assign(dispatch, now, self.config)
         if self.state is ConnectionState.CONNECTED:
-            self._push(dispatch, seq, dispatch.approximate_size(), dispatch.ephemeral)
+            self._push(dispatch, seq, dispatch.approximate_size(), dispatch.ephemeral, admit=admit)
 
     def _control(self, op: int, d: Any) -> None:
         frame = encode_control(self.encoding, op, d)
         self._push(frame, 0, len(frame), False)
 
-    def _push(self, item: OutFrame | Dispatch, seq: int, size: int, ephemeral: bool) -> None:
+    def _push(
+        self, item: OutFrame | Dispatch, seq: int, size: int, ephemeral: bool, *, admit: bool = False
+    ) -> None:
+        """Queue a frame within the outbox bounds. ``admit``: a frame the client waits for
+        (READY, a resume's replay, RESUMED, the held live events) is never dropped and never
+        overflows: it is queued beyond the bound, which it raises until the writer takes it. Its
+        count is bounded anyway (replay buffer + history budget + held events + 1)."""
+        if self.state is ConnectionState.CLOSED:
+            return  # nothing goes out after the Close
         cfg = self.config
         outbox = self._outbox
-        if len(outbox) + 1 > cfg.send_queue_frames or self.outbox_bytes + size > cfg.send_queue_bytes:
+        if admit:
+            outbox.append(_Out(item, seq, size, False))
+            self.outbox_bytes += size
+            self._admitted_frames += 1
+            self._admitted_bytes += size
+            if len(outbox) > self.outbox_peak_frames:
+                self.outbox_peak_frames = len(outbox)
+            return
+        max_frames = cfg.send_queue_frames + self._admitted_frames
+        max_bytes = cfg.send_queue_bytes + self._admitted_bytes
+        if len(outbox) + 1 > max_frames or self.outbox_bytes + size > max_bytes:
             # Overflow policy: drop queued ephemeral frames first, then this one if ephemeral,
             # and only then give up on the consumer (4010, resumable).
             kept = deque(o for o in outbox if not o.ephemeral)
             if len(kept) != len(outbox):
                 self._outbox = outbox = kept
                 self.outbox_bytes = sum(o.size for o in kept)
-            if len(outbox) + 1 > cfg.send_queue_frames or self.outbox_bytes + size > cfg.send_queue_bytes:
+            if len(outbox) + 1 > max_frames or self.outbox_bytes + size > max_bytes:
                 if not ephemeral:
                     self._close(CloseCode.SLOW_CONSUMER, "slow consumer", flush=False)
                 return
@@ -856,11 +898,14 @@ class GatewayConnection:
         self.close_code = code
         self.resumable = resumable
         if not flush:
-            self._outbox.clear()
-            self.outbox_bytes = 0
+            self._clear_outbox()
         close = Close(code, reason, resumable)
         self._outbox.append(_Out(close, 0, 0, False))
         self._actions.append(close)
+
+    def _clear_outbox(self) -> None:
+        self._outbox.clear()
+        self.outbox_bytes = self._admitted_frames = self._admitted_bytes = 0
 
     def _take(self) -> list[Action]:
         actions, self._actions = self._actions, []
