@@ -381,6 +381,24 @@ def test_resume_rejections() -> None:
     assert new.resume_rejected(True, 0.0) == [] and drain(new)[0]["op"] == 9
 
 
+def test_invalid_session_restarts_the_identify_deadline() -> None:
+    conn = GatewayConnection(CFG)  # identify_timeout 5 s
+    conn.start(0.0)
+    drain(conn)
+    conn.receive_data(frame(6, {"token": "t", "session_id": "x", "seq": 1}), 4.95)
+    assert conn.resume_rejected(True, 4.95) == []
+    assert drain(conn) == [{"op": 9, "d": False, "s": None, "t": None}]
+    assert conn.next_deadline() == pytest.approx(9.95)
+    assert conn.tick(5.0) == []  # the old deadline no longer applies
+    assert conn.receive_data(frame(2, {"token": "t"}), 9.0) == [Authenticate("t")]
+    conn = GatewayConnection(CFG)
+    conn.start(0.0)
+    conn.receive_data(frame(6, {"token": "t", "session_id": "x", "seq": 1}), 4.0)
+    conn.resume_rejected(True, 4.0)
+    (close,) = conn.tick(9.0)  # ... but a new one does: 5 s after INVALID_SESSION
+    assert isinstance(close, Close) and close.code == 4003
+
+
 def test_replay_buffer_is_bounded_by_count_bytes_and_window() -> None:
     cfg = GatewayConfig(replay_frames=3, resume_window=10.0)
     conn = connected(("room",), cfg)

@@ -631,11 +631,11 @@ class GatewayConnection:
             session.buffer_bytes = 0
             self._duplicates_possible = True
         if from_checkpoint and not self._duplicates_possible:
-            self._invalid_session()  # the client is behind what it acknowledged: not resumable
+            self._invalid_session(now)  # the client is behind what it acknowledged: not resumable
         elif self._resume_seq > session.seq:
             self._close(CloseCode.INVALID_SEQ, "seq is ahead of the session", resumable=False)
         elif self._resume_seq < session.buffer_floor or self._resume_seq < 1:
-            self._invalid_session()
+            self._invalid_session(now)
         return self._take()
 
     def resume_complete(self, missed: Iterable[Dispatch], now: float) -> list[Action]:
@@ -677,7 +677,7 @@ class GatewayConnection:
         if not authenticated:
             self._close(CloseCode.AUTHENTICATION_FAILED, "authentication failed", resumable=False)
         else:
-            self._invalid_session()
+            self._invalid_session(now)
         return self._take()
 
     # ---- outbox ----------------------------------------------------------------------------
@@ -834,10 +834,12 @@ class GatewayConnection:
         self._dispatch(Dispatch.of("READY", ready), now, admit=True)
         self._actions.append(Checkpoint())
 
-    def _invalid_session(self) -> None:
+    def _invalid_session(self, now: float) -> None:
         self.session = None
         self._catch_up = []
         self.state = ConnectionState.AWAITING_IDENTIFY
+        # The client is told to IDENTIFY on this socket: it gets a full identify timeout for it.
+        self._identify_deadline = now + self.config.identify_timeout
         self._control(Op.INVALID_SESSION, False)
 
     def _dispatch(self, dispatch: Dispatch, now: float, *, admit: bool = False) -> None:
