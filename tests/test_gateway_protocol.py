@@ -180,13 +180,13 @@ def test_heartbeat_deadline_4009_is_resumable() -> None:
     assert isinstance(close, Close) and close.code == 4009 and close.resumable
 
 
-def test_frame_budget_rate_limited_then_4008_heartbeats_exempt() -> None:
+def test_frame_budget_rate_limited_then_4008_a_few_heartbeats_exempt() -> None:
     cfg = GatewayConfig(frame_budget=3, frame_budget_window=10.0, heartbeat_interval=100)
     conn = connected((), cfg)  # IDENTIFY used 1 of 3
     drain(conn)
-    for _ in range(10):
+    for _ in range(3):  # the free heartbeats of one interval
         conn.receive_data(frame(1), 1.0)
-    assert all(f["op"] == 11 for f in drain(conn))
+    assert [f["op"] for f in drain(conn)] == [11, 11, 11]
     conn.receive_data(frame(13, {"channels": []}), 1.0)
     conn.receive_data(frame(13, {"channels": []}), 1.0)
     assert [f["t"] for f in drain(conn)] == ["UNSUBSCRIBED", "UNSUBSCRIBED"]
@@ -202,6 +202,30 @@ def test_frame_budget_rate_limited_then_4008_heartbeats_exempt() -> None:
     for t in (1.0, 2.0, 11.0, 12.0, 13.0):
         conn.receive_data(frame(13, {"channels": []}), t)
     assert "RATE_LIMITED" not in [f.get("t") for f in drain(conn)]
+
+
+def test_a_heartbeat_flood_is_charged_to_the_frame_budget_and_closed_4008() -> None:
+    cfg = GatewayConfig(frame_budget=5, frame_budget_window=60.0, heartbeat_interval=10.0)
+    conn = connected((), cfg)  # IDENTIFY used 1 of 5
+    drain(conn)
+    closes = []
+    for _ in range(1000):
+        closes += conn.receive_data(frame(1), 1.0)
+    (close,) = closes
+    assert isinstance(close, Close) and close.code == 4008
+    out = drain(conn)
+    # 3 free + 4 left in the budget are answered, then RATE_LIMITED up to twice the budget, then
+    # 4008: a flood of 1,000 heartbeats costs a bounded number of frames
+    assert [f["op"] for f in out[:-1] if f["op"] == 11] == [11] * 7
+    assert [f["t"] for f in out[:-1] if f["op"] == 0] == ["RATE_LIMITED"] * 5
+    assert out[-1] is close
+    # one heartbeat per interval (plus a couple) never touches the budget
+    conn = connected((), cfg)
+    for n in range(100):
+        for _ in range(3):
+            conn.receive_data(frame(1, 1), 1.0 + 10.0 * n)
+    assert conn.state is ConnectionState.CONNECTED
+    assert {f["op"] for f in drain(conn)[2:]} == {11}  # (after HELLO, READY)
 
 
 def test_outbox_overflow_drops_ephemeral_first_then_closes_4010() -> None:

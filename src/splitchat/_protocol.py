@@ -90,6 +90,11 @@ class CloseCode(enum.IntEnum):
     SLOW_CONSUMER = 4010
 
 
+# Heartbeats answered per heartbeat interval without charging the frame budget: the regular one,
+# one the server asked for (op 1) and one of jitter. A client that sends more is flooding: each
+# further heartbeat counts against the frame budget (RATE_LIMITED, then 4008 like any frame).
+FREE_HEARTBEATS_PER_INTERVAL = 3
+
 # Closes after which the session stays resumable (everything else ends it).
 RESUMABLE_CLOSES = frozenset({CloseCode.UNKNOWN_ERROR, CloseCode.SESSION_TIMED_OUT, CloseCode.SLOW_CONSUMER})
 
@@ -439,6 +444,8 @@ class GatewayConnection:
         self._heartbeat_deadline = 0.0
         self._budget_start = 0.0
         self._budget_count = 0
+        self._heartbeat_window_start = 0.0
+        self._heartbeat_count = 0
         self._pending_identify: tuple[str, ...] | None = None  # channels asked in IDENTIFY
         self._resume_seq = 0
         self._duplicates_possible = False  # the resume rebuilt a crash checkpoint
@@ -459,7 +466,7 @@ class GatewayConnection:
         cfg = self.config
         self._identify_deadline = now + cfg.identify_timeout
         self._heartbeat_deadline = now + 1.5 * cfg.heartbeat_interval
-        self._budget_start = now
+        self._budget_start = self._heartbeat_window_start = now
         self._control(Op.HELLO, cfg.hello())
         return self._take()
 
@@ -483,7 +490,9 @@ class GatewayConnection:
             if frame.op not in _CLIENT_OPS:
                 self._close(CloseCode.UNKNOWN_OPCODE, f"unknown opcode {frame.op}")
             return self._take()
-        if frame.op != Op.HEARTBEAT and not self._charge_budget(frame.op, now):
+        if (frame.op != Op.HEARTBEAT or not self._free_heartbeat(now)) and not self._charge_budget(
+            frame.op, now
+        ):
             return self._take()
         handler(self, frame, now)
         return self._take()
@@ -801,6 +810,13 @@ class GatewayConnection:
         if not all(isinstance(c, str) and 0 < len(c) <= cfg.max_channel_length for c in value):
             return None
         return tuple(dict.fromkeys(value))
+
+    def _free_heartbeat(self, now: float) -> bool:
+        """Whether this heartbeat is within the free allowance of its (fixed) interval window."""
+        if now >= self._heartbeat_window_start + self.config.heartbeat_interval:
+            self._heartbeat_window_start, self._heartbeat_count = now, 0
+        self._heartbeat_count += 1
+        return self._heartbeat_count <= FREE_HEARTBEATS_PER_INTERVAL
 
     def _charge_budget(self, op: int, now: float) -> bool:
         cfg = self.config
