@@ -25,6 +25,7 @@ from splitchat import (
     SessionRecord,
     decode_client_frame,
 )
+from splitchat._payloads import IdentifyPayload, ResumePayload
 from splitchat._protocol import (
     Authenticate,
     AuthorizeChannels,
@@ -461,6 +462,27 @@ def test_reconnect_and_client_close_codes() -> None:
     conn = connected()
     conn.connection_lost(1006)
     assert conn.resumable
+
+
+def test_reprs_of_actions_and_payloads_never_show_the_token() -> None:
+    secret = "s3cret-token-value"
+    conn = GatewayConnection(CFG)
+    conn.start(0.0)
+    (authenticate,) = conn.receive_data(frame(2, {"token": secret}), 0.1)
+    conn = GatewayConnection(CFG)
+    conn.start(0.0)
+    (lookup,) = conn.receive_data(frame(6, {"token": secret, "session_id": "sid", "seq": 3}), 0.1)
+    objects = [
+        authenticate,
+        lookup,
+        IdentifyPayload(token=secret, subscriptions=["a"]),
+        ResumePayload(token=secret, session_id="sid", seq=3),
+    ]
+    for obj in objects:
+        assert secret not in repr(obj) and secret not in str(obj) and "<redacted>" in repr(obj)
+    assert "sid" in repr(lookup) and "3" in repr(lookup)
+    assert lookup.token == secret and authenticate == Authenticate(secret)  # still usable
+    assert msgspec.json.decode(msgspec.json.encode(objects[3]), type=ResumePayload).token == secret
 
 
 def test_dispatch_renders_json_and_msgpack_once_per_encoding() -> None:

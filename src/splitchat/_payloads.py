@@ -110,6 +110,9 @@ class IdentifyPayload(msgspec.Struct):
     subscriptions: Annotated[list[Channel], msgspec.Meta(max_length=100)] = []
     properties: dict[str, Any] = {}
 
+    def __repr__(self) -> str:  # never the token (logs, tracebacks)
+        return f"IdentifyPayload(token=<redacted>, subscriptions={self.subscriptions!r})"
+
 
 class ResumePayload(msgspec.Struct):
     """RESUME (op 6) ``d``: reattach to ``session_id`` and replay every dispatch after ``seq``."""
@@ -117,6 +120,9 @@ class ResumePayload(msgspec.Struct):
     token: str
     session_id: str
     seq: Annotated[int, msgspec.Meta(ge=0)]
+
+    def __repr__(self) -> str:  # never the token (logs, tracebacks)
+        return f"ResumePayload(token=<redacted>, session_id={self.session_id!r}, seq={self.seq!r})"
 
 
 class ChannelsPayload(msgspec.Struct):

@@ -148,21 +148,31 @@ class Close:
     resumable: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Authenticate:
-    """IDENTIFY arrived: resolve ``token``, then call :meth:`GatewayConnection.identified`."""
+    """IDENTIFY arrived: resolve ``token``, then call :meth:`GatewayConnection.identified`.
+
+    Its repr redacts the token (actions end up in logs and tracebacks)."""
 
     token: str
 
+    def __repr__(self) -> str:
+        return "Authenticate(token=<redacted>)"
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, repr=False)
 class ResumeLookup:
     """RESUME arrived: authenticate ``token``, find ``session_id``, then call
-    :meth:`GatewayConnection.resume_begin` / ``resume_complete`` or ``resume_rejected``."""
+    :meth:`GatewayConnection.resume_begin` / ``resume_complete`` or ``resume_rejected``.
+
+    Its repr redacts the token."""
 
     token: str
     session_id: str
     seq: int
+
+    def __repr__(self) -> str:
+        return f"ResumeLookup(token=<redacted>, session_id={self.session_id!r}, seq={self.seq!r})"
 
 
 @dataclass(frozen=True)
