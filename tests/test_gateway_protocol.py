@@ -501,6 +501,22 @@ def test_dispatch_renders_json_and_msgpack_once_per_encoding() -> None:
     assert d.msgpack_prefix() is d.msgpack_prefix()
 
 
+class _NoEncode(str):
+    """A text frame that fails the test if it is ever encoded."""
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        raise AssertionError("an oversized text frame was encoded")
+
+
+def test_an_oversized_text_frame_is_rejected_by_its_length_before_encoding() -> None:
+    with pytest.raises(FrameError, match="exceeds 256"):
+        decode_client_frame(_NoEncode('{"op":1,"d":"' + "x" * 300 + '"}'), "json", 256)
+    # within the character limit but over it in UTF-8 bytes: still rejected
+    with pytest.raises(FrameError, match="bytes exceeds 256"):
+        decode_client_frame('{"op":1,"d":"' + "é" * 200 + '"}', "json", 256)
+    assert decode_client_frame('{"op":1,"d":"' + "é" * 100 + '"}', "json", 256).d == "é" * 100
+
+
 @given(st.binary(max_size=300) | st.text(max_size=300))
 def test_codec_rejects_garbage_only_with_frame_error(data: bytes | str) -> None:
     for encoding in ("json", "msgpack"):
