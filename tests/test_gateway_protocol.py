@@ -95,6 +95,9 @@ def test_handshake_hello_identify_ready() -> None:
             "frame_budget": 120,
             "frame_budget_window": 60000,
             "resume_window": 120000,
+            "identify_timeout": 10000,
+            "max_channels": 100,
+            "max_channel_length": 200,
         },
         "s": None,
         "t": None,
@@ -448,6 +451,34 @@ def test_subscribe_unsubscribe_and_gap_invalidation() -> None:
     (close,) = conn.invalidate(2.0)
     assert isinstance(close, Close) and close.code == 4007 and not close.resumable
     assert drain(conn) == [{"op": 9, "d": False, "s": None, "t": None}, close]
+
+
+def test_channels_over_the_limits_are_denied_not_closed() -> None:
+    cfg = GatewayConfig(max_channels=3, max_channel_length=5)
+    conn = GatewayConnection(cfg)
+    conn.start(0.0)
+    hello = drain(conn)[0]["d"]
+    assert (hello["max_channels"], hello["max_channel_length"]) == (3, 5)
+    asked = ["a", "", "toolong", "b", "a", "c", "d", "e"]
+    assert conn.receive_data(frame(2, {"token": "t", "subscriptions": asked}), 0.1) == [Authenticate("t")]
+    assert conn.identified(ALICE, "sid", 0.2) == [AuthorizeChannels(("a", "b", "c"))]
+    conn.authorized(["a", "c"], ["b"], 0.3)
+    (ready,) = drain(conn)
+    assert ready["d"]["subscriptions"] == ["a", "c"]
+    assert ready["d"]["denied"] == ["", "toolong", "d", "e", "b"]
+    # SUBSCRIBE: one slot left; the rest and the long name are denied, the connection stays up
+    assert conn.receive_data(frame(12, {"channels": ["x", "y", "waytoolong"]}), 1.0) == [
+        AuthorizeChannels(("x", "y"))
+    ]
+    conn.authorized(["x", "y"], [], 1.0)
+    (subscribed,) = drain(conn)
+    assert subscribed["d"] == {"granted": ["x"], "denied": ["waytoolong", "y"]}
+    conn.receive_data(frame(12, {"channels": ["waytoolong"]}), 1.0)
+    assert drain(conn)[0]["d"] == {"granted": [], "denied": ["waytoolong"]}
+    assert conn.state is ConnectionState.CONNECTED
+    # a malformed list (not strings) is still a decode error
+    (close,) = conn.receive_data(frame(12, {"channels": [1]}), 1.0)
+    assert isinstance(close, Close) and close.code == 4002
 
 
 def test_reconnect_and_client_close_codes() -> None:

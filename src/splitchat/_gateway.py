@@ -126,6 +126,9 @@ class Gateway:
         max_frame_bytes: largest client frame accepted.
         frame_budget, frame_budget_window: inbound frames per window (heartbeats exempt).
         send_queue_frames, send_queue_bytes: per-connection outbox bound (then close 4010).
+        max_channels: channels per session; max_channel_length: longest channel name. Both
+            are advertised in HELLO; channels over them are answered in READY/SUBSCRIBED
+            ``denied`` (not a close).
         allowed_origins: accepted ``Origin`` headers; ``None`` accepts any (non-browser clients
             send none; a browser handshake from another site is refused with HTTP 403).
         session_store: where drained sessions wait for a resume on another node.
@@ -156,6 +159,8 @@ class Gateway:
         frame_budget_window: float = 60.0,
         send_queue_frames: int = 1000,
         send_queue_bytes: int = 1 << 20,
+        max_channels: int = 100,
+        max_channel_length: int = 200,
         allowed_origins: Iterable[str] | None = None,
         session_store: SessionStore | None = None,
         presence: Presence | None = None,
@@ -180,6 +185,8 @@ class Gateway:
             send_queue_bytes=send_queue_bytes,
             replay_frames=send_queue_frames,
             replay_bytes=send_queue_bytes,
+            max_channels=max_channels,
+            max_channel_length=max_channel_length,
             resume_gateway_url=resume_gateway_url,
         )
         self.allowed_origins = None if allowed_origins is None else frozenset(allowed_origins)

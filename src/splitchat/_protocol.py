@@ -130,6 +130,9 @@ class GatewayConfig:
             frame_budget=self.frame_budget,
             frame_budget_window=round(self.frame_budget_window * 1000),
             resume_window=round(self.resume_window * 1000),
+            identify_timeout=round(self.identify_timeout * 1000),
+            max_channels=self.max_channels,
+            max_channel_length=self.max_channel_length,
         )
 
 
@@ -457,6 +460,7 @@ class GatewayConnection:
         self._heartbeat_window_start = 0.0
         self._heartbeat_count = 0
         self._pending_identify: tuple[str, ...] | None = None  # channels asked in IDENTIFY
+        self._pending_denied: list[str] = []  # refused by the limits before authorization
         self._resume_seq = 0
         self._duplicates_possible = False  # the resume rebuilt a crash checkpoint
         self._catch_up: list[Dispatch] = []  # live deliveries held while a resume catches up
@@ -601,7 +605,7 @@ class GatewayConnection:
         if channels:
             self._actions.append(AuthorizeChannels(channels))
         else:
-            self._ready([], [], now)
+            self._ready([], self._take_denied(), now)
         return self._take()
 
     def authorized(self, granted: Sequence[str], denied: Sequence[str], now: float) -> list[Action]:
@@ -611,7 +615,11 @@ class GatewayConnection:
             return []
         room = self.config.max_channels - len(session.channels)
         accepted = [c for c in granted if c not in session.channels][: max(room, 0)]
-        denied = list(denied) + [c for c in granted if c not in accepted and c not in session.channels]
+        denied = (
+            self._take_denied()
+            + list(denied)
+            + [c for c in granted if c not in accepted and c not in session.channels]
+        )
         session.channels.update(accepted)
         if accepted:
             self._actions.append(Subscribe(tuple(accepted)))
@@ -757,12 +765,12 @@ class GatewayConnection:
     def _on_identify(self, frame: ClientFrame, now: float) -> None:
         d = frame.d
         token = d.get("token") if isinstance(d, dict) else None
-        channels = self._channels_of(d.get("subscriptions", []) if isinstance(d, dict) else None)
-        if not isinstance(token, str) or channels is None:
+        asked = self._channels_of(d.get("subscriptions", []) if isinstance(d, dict) else None)
+        if not isinstance(token, str) or asked is None:
             self._close(CloseCode.DECODE_ERROR, "invalid IDENTIFY payload")
             return
         self.state = ConnectionState.AUTHENTICATING
-        self._pending_identify = channels
+        self._pending_identify, self._pending_denied = asked
         self._actions.append(Authenticate(token))
 
     def _on_resume(self, frame: ClientFrame, now: float) -> None:
@@ -779,22 +787,25 @@ class GatewayConnection:
         self._actions.append(ResumeLookup(token, session_id, seq))
 
     def _on_subscribe(self, frame: ClientFrame, now: float) -> None:
-        channels = self._channels_of(frame.d.get("channels") if isinstance(frame.d, dict) else None)
-        if channels is None:
+        asked = self._channels_of(frame.d.get("channels") if isinstance(frame.d, dict) else None)
+        if asked is None:
             self._close(CloseCode.DECODE_ERROR, "invalid SUBSCRIBE payload")
             return
+        channels, self._pending_denied = asked
         assert self.session is not None
         new = tuple(c for c in channels if c not in self.session.channels)
         if new:
             self._actions.append(AuthorizeChannels(new))
         else:
-            self._dispatch(Dispatch.of("SUBSCRIBED", SubscribedPayload(granted=[], denied=[])), now)
+            denied = self._take_denied()
+            self._dispatch(Dispatch.of("SUBSCRIBED", SubscribedPayload(granted=[], denied=denied)), now)
 
     def _on_unsubscribe(self, frame: ClientFrame, now: float) -> None:
-        channels = self._channels_of(frame.d.get("channels") if isinstance(frame.d, dict) else None)
-        if channels is None:
+        asked = self._channels_of(frame.d.get("channels") if isinstance(frame.d, dict) else None)
+        if asked is None:
             self._close(CloseCode.DECODE_ERROR, "invalid UNSUBSCRIBE payload")
             return
+        channels = asked[0]  # (a name over the limits cannot be subscribed: nothing to leave)
         assert self.session is not None
         gone = tuple(c for c in channels if c in self.session.channels)
         self.session.channels.difference_update(gone)
@@ -813,13 +824,27 @@ class GatewayConnection:
 
     # ---- internals -------------------------------------------------------------------------
 
-    def _channels_of(self, value: Any) -> tuple[str, ...] | None:
+    def _channels_of(self, value: Any) -> tuple[tuple[str, ...], list[str]] | None:
+        """A channel list from a client: ``None`` if malformed (not a list of strings: 4002);
+        else the usable channels (deduplicated, at most ``max_channels``) and the refused ones
+        (empty, longer than ``max_channel_length``, or beyond ``max_channels``), which are
+        answered in ``denied`` like an authorization refusal: the limits are in HELLO, and a
+        client over them must not be closed into an endless retry of the same request."""
         cfg = self.config
-        if not isinstance(value, list) or len(value) > cfg.max_channels:
+        if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
             return None
-        if not all(isinstance(c, str) and 0 < len(c) <= cfg.max_channel_length for c in value):
-            return None
-        return tuple(dict.fromkeys(value))
+        usable: list[str] = []
+        denied: list[str] = []
+        for channel in dict.fromkeys(value):
+            if 0 < len(channel) <= cfg.max_channel_length and len(usable) < cfg.max_channels:
+                usable.append(channel)
+            else:
+                denied.append(channel)
+        return tuple(usable), denied
+
+    def _take_denied(self) -> list[str]:
+        denied, self._pending_denied = self._pending_denied, []
+        return denied
 
     def _free_heartbeat(self, now: float) -> bool:
         """Whether this heartbeat is within the free allowance of its (fixed) interval window."""
