@@ -158,7 +158,8 @@ def test_identify_timeout_4003_and_bad_token_4004_and_second_identify_4005() -> 
     conn = GatewayConnection(CFG)
     conn.start(0.0)
     assert conn.tick(4.9) == []
-    assert conn.receive_data(frame(1), 4.9)[:0] == []  # heartbeats are fine before IDENTIFY
+    assert conn.receive_data(frame(1), 4.9) == []  # heartbeats are fine before IDENTIFY
+    assert [f["op"] for f in drain(conn)] == [10, 11]  # HELLO, HEARTBEAT_ACK
     (close,) = conn.tick(5.0)
     assert isinstance(close, Close) and close.code == 4003
 
@@ -263,12 +264,6 @@ def test_outbox_overflow_drops_ephemeral_first_then_closes_4010() -> None:
         Dispatch("X", b'"' + b"x" * 600 + b'"', event_id="2", channel="room", position=Position("e", 2)), 1.0
     )
     assert isinstance(close, Close) and close.code == 4010
-
-
-def resumed(conn: GatewayConnection, now: float = 5.0) -> GatewayConnection:
-    """A fresh connection that RESUMEs ``conn``'s session from the seq the client last saw."""
-    assert conn.session is not None
-    return GatewayConnection(conn.config)
 
 
 def start_resume(session_of: GatewayConnection, seq: int) -> GatewayConnection:
