@@ -63,6 +63,7 @@ class Script:
     """How the scripted gateway behaves; one per test."""
 
     heartbeat_interval: int = 60_000
+    hello_extra: dict[str, Any] = field(default_factory=dict)  # more HELLO limits
     ack_heartbeats: list[bool] = field(default_factory=list)  # per connection index; default True
     on_identify: list[str] = field(default_factory=list)  # per connection: "ready" | "4004"
     on_resume: list[str] = field(default_factory=list)  # per connection: "resumed" | "invalid"
@@ -117,7 +118,8 @@ def build_app(script: Script) -> Starlette:
                 frame["id"], frame["channel"] = event_id, "x"
             await ws.send_text(json.dumps(frame))
 
-        await ws.send_text(json.dumps({"op": 10, "d": {"heartbeat_interval": script.heartbeat_interval}}))
+        hello = {"heartbeat_interval": script.heartbeat_interval, **script.hello_extra}
+        await ws.send_text(json.dumps({"op": 10, "d": hello}))
         try:
             while True:
                 frame = json.loads(await ws.receive_text())
@@ -200,6 +202,23 @@ def test_identify_ready_and_events_by_type(harness: tuple[Script, Any]) -> None:
     assert identify["d"]["subscriptions"] == ["a", "b"]
     assert states(page) == ["connecting", "ready"]
     assert page.evaluate("window.client.seq") == 4
+
+
+def test_subscriptions_respect_the_channel_limits_in_hello(harness: tuple[Script, Any]) -> None:
+    script, page = harness
+    script.hello_extra = {"max_channels": 2, "max_channel_length": 5}
+    page.evaluate(
+        """() => { const c = window.makeClient({ token: "tok", subscriptions: ["a", "toolong", "b", "c"] });
+        c.connect(); }"""
+    )
+    page.wait_for_function("window.client.state === 'ready'")
+    identify = script.connections[0].received[0]
+    assert identify["d"]["subscriptions"] == ["a", "b"]  # within max_channels and max_channel_length
+    page.evaluate("window.client.granted = new Set(['a', 'b']); window.client.subscribe(['d'])")
+    page.evaluate("window.client.granted = new Set(['a']); window.client.subscribe(['e', 'f'])")
+    wait_until(lambda: len(script.connections[0].received) >= 2)
+    subscribes = [f for f in script.connections[0].received if f["op"] == 12]
+    assert subscribes == [{"op": 12, "d": {"channels": ["e"]}}]  # nothing while full, then one
 
 
 def test_missing_ack_is_a_zombie_closed_with_4000_then_resumed(harness: tuple[Script, Any]) -> None:

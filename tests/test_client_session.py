@@ -278,10 +278,26 @@ def test_subscriptions_made_offline_are_sent_after_resume() -> None:
     session.connection_opened()
     session.receive(HELLO, 0.0)
     actions = session.receive(Frame(op=0, s=2, t="RESUMED", d={"replayed": 0}), 0.0)
-    assert sends(actions) == [
-        SendFrame(Opcode.SUBSCRIBE, {"channels": ["room:2"]}),
+    assert sends(actions) == [  # UNSUBSCRIBE first: the room it frees counts for max_channels
         SendFrame(Opcode.UNSUBSCRIBE, {"channels": ["room:1"]}),
+        SendFrame(Opcode.SUBSCRIBE, {"channels": ["room:2"]}),
     ]
+
+
+def test_subscriptions_respect_the_channel_limits_advertised_in_hello() -> None:
+    session = ClientSession(token="t", subscriptions=["a", "b", "x" * 11, "c"])
+    session.connection_opened()
+    hello = Frame(op=10, d={**HELLO.d, "max_channels": 2, "max_channel_length": 10})
+    (identify,) = sends(session.receive(hello, 0.0))
+    assert identify == SendFrame(Opcode.IDENTIFY, {"token": "t", "subscriptions": ["a", "b"]})
+    assert session.limits.max_channels == 2 and session.limits.max_channel_length == 10
+    ready = {"session_id": "s", "subscriptions": ["a", "b"], "denied": []}
+    actions = session.receive(Frame(op=0, s=1, t="READY", d=ready), 0.0)
+    assert sends(actions) == []  # full: nothing more to ask for
+    assert session.subscribe(["d"]) == []  # remembered, not sent: it cannot be granted
+    assert sends(session.unsubscribe(["a"])) == [SendFrame(Opcode.UNSUBSCRIBE, {"channels": ["a"]})]
+    session.receive(Frame(op=0, s=2, t="UNSUBSCRIBED", d={"channels": ["a"]}), 0.0)
+    assert sends(session.subscribe(["e"])) == [SendFrame(Opcode.SUBSCRIBE, {"channels": ["e"]})]
 
 
 stream_ops = st.lists(

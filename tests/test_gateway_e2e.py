@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
@@ -10,7 +10,8 @@ import anyio
 import httpx
 import pytest
 
-from splitchat import Gateway, GatewayConnection, InMemoryBus, InMemorySessionStore
+from splitchat import Gateway, GatewayConnection, InMemoryBus, InMemorySessionStore, Position
+from splitchat.bus._base import BusUnavailable, Delivery
 
 from .gateway_harness import (
     RawClient,
@@ -527,3 +528,100 @@ async def test_crash_checkpoint_resume_on_another_node_and_the_zombie_is_closed(
                 assert first.session_ids() == []
                 assert second.session_ids() == [session_id]
                 await ws.close()
+
+
+class FlakyHistoryBus(InMemoryBus):
+    """An in-memory bus whose ``history`` fails with BusUnavailable while ``failing`` is set."""
+
+    failing = False
+    gate: anyio.Event | None = None  # while set, history waits for it (a slow history read)
+
+    async def history(self, channel: str, since: Position, limit: int = 100) -> Sequence[Delivery]:
+        if self.failing:
+            raise BusUnavailable("history backend down")
+        if self.gate is not None:
+            await self.gate.wait()
+        return await super().history(channel, since, limit)
+
+
+async def _resume_frames(ws: Any, session_id: str, seq: int) -> list[dict[str, Any]]:
+    await send(ws, {"op": 6, "d": {"token": "token-1", "session_id": session_id, "seq": seq}})
+    got = [await recv(ws)]
+    while got[-1].get("t") != "RESUMED":
+        got.append(await recv(ws))
+    return got
+
+
+async def test_cross_node_resume_failing_on_the_bus_puts_the_session_back_without_a_gap() -> None:
+    """A RESUME on another node whose bus history raises BusUnavailable closes 4000 (RESUME
+    again), leaves no session hosted there and puts the record back: the retry replays every
+    missed event, including those published while the first attempt failed."""
+    store = InMemorySessionStore()
+    async with FlakyHistoryBus() as bus:
+        first = Gateway(bus, authenticator, session_store=store, node_id="node-a")
+        second = Gateway(bus, authenticator, session_store=store, node_id="node-b")
+        async with first, second, _serve(bus, first) as server1, _serve(bus, second) as server2:
+            async with httpx.AsyncClient(base_url=server1.base) as http:
+                ws, ready = await identify(server1, channels=["room"])
+                session_id = ready["d"]["session_id"]
+                await post(http, "room", {"n": 0})
+                (seen,) = await _messages(ws, 1)
+                ws.transport.abort()
+                await wait_until(lambda: first.connection_count == 0 and len(store) == 1)
+                await post(http, "room", {"n": 1})  # missed: only in bus history for node-b
+
+                bus.failing = True
+                ws2, _ = await _connect_hello(server2)
+                await send(
+                    ws2, {"op": 6, "d": {"token": "token-1", "session_id": session_id, "seq": seen["s"]}}
+                )
+                await expect_close(ws2, 4000)
+                await wait_until(lambda: second.connection_count == 0)
+                assert second.session_ids() == []
+                assert len(store) == 1 and store._records[session_id].owner == "node-b"
+                await post(http, "room", {"n": 2})  # published while nobody hosts the session
+
+                bus.failing = False
+                ws3, _ = await _connect_hello(server2)
+                got = await _resume_frames(ws3, session_id, seen["s"])
+                replay = [f for f in got if f.get("t") == "MESSAGE_CREATE"]
+                assert [f["d"]["n"] for f in replay] == [1, 2]
+                assert [f["s"] for f in replay] == [seen["s"] + 1, seen["s"] + 2]
+                assert second.session_ids() == [session_id]
+                await ws3.close()
+
+
+async def test_too_many_live_events_during_a_cross_node_catch_up_close_4010_resumable() -> None:
+    """Live events held while another node reads history overflow the hold (send_queue_frames):
+    4010, and, as 4010 promises, the session is resumable: nothing stays hosted on the closed
+    connection, the record is back in the store, and the next RESUME is answered from it (here
+    more events were missed than a replay may hold, so INVALID_SESSION, never a silent gap)."""
+    store = InMemorySessionStore()
+    async with FlakyHistoryBus() as bus:
+        options: dict[str, Any] = {"session_store": store, "send_queue_frames": 4}
+        first = Gateway(bus, authenticator, node_id="node-a", **options)
+        second = Gateway(bus, authenticator, node_id="node-b", **options)
+        async with first, second, _serve(bus, first) as server1, _serve(bus, second) as server2:
+            async with httpx.AsyncClient(base_url=server1.base) as http:
+                ws, ready = await identify(server1, channels=["room"])
+                session_id = ready["d"]["session_id"]
+                ws.transport.abort()
+                await wait_until(lambda: first.connection_count == 0 and len(store) == 1)
+
+                bus.gate = gate = anyio.Event()
+                ws2, _ = await _connect_hello(server2)
+                await send(ws2, {"op": 6, "d": {"token": "token-1", "session_id": session_id, "seq": 1}})
+                await wait_until(lambda: "room" in second._routes)
+                for n in range(5):  # one more than the hold admits
+                    await post(http, "room", {"n": n})
+                await expect_close(ws2, 4010)
+                gate.set()
+                bus.gate = None
+                await wait_until(lambda: second.connection_count == 0)
+                assert second.session_ids() == []
+                await wait_until(lambda: len(store) == 1)
+
+                ws3, _ = await _connect_hello(server2)
+                await send(ws3, {"op": 6, "d": {"token": "token-1", "session_id": session_id, "seq": 1}})
+                assert await recv(ws3) == {"op": 9, "d": False, "s": None, "t": None}
+                await ws3.close()

@@ -46,9 +46,13 @@ _msgpack_encoder = msgspec.msgpack.Encoder()
 def decode_client_frame(data: str | bytes, encoding: Encoding, max_frame_bytes: int) -> ClientFrame:
     """Decode one client frame, raising :class:`FrameError` when too large or malformed.
 
-    The size is checked on the raw bytes first; a text frame's size is its UTF-8 length bound
-    (``len(str)`` <= bytes, so a str is checked by its encoded length only when it might exceed).
+    The size is checked before any work: a text frame of n characters is at least n UTF-8 bytes,
+    so ``len(str)`` over the limit is rejected without encoding it; only a str within the limit
+    is encoded and its byte length checked again.
     """
+    if len(data) > max_frame_bytes:
+        unit = "characters" if isinstance(data, str) else "bytes"
+        raise FrameError(f"frame of {len(data)} {unit} exceeds {max_frame_bytes} bytes")
     raw = data.encode() if isinstance(data, str) else data
     if len(raw) > max_frame_bytes:
         raise FrameError(f"frame of {len(raw)} bytes exceeds {max_frame_bytes}")

@@ -38,6 +38,7 @@ from ._protocol import (
     GatewayConfig,
     GatewayConnection,
     ResumeLookup,
+    SessionState,
     Subscribe,
     Unsubscribe,
 )
@@ -125,6 +126,9 @@ class Gateway:
         max_frame_bytes: largest client frame accepted.
         frame_budget, frame_budget_window: inbound frames per window (heartbeats exempt).
         send_queue_frames, send_queue_bytes: per-connection outbox bound (then close 4010).
+        max_channels: channels per session; max_channel_length: longest channel name. Both
+            are advertised in HELLO; channels over them are answered in READY/SUBSCRIBED
+            ``denied`` (not a close).
         allowed_origins: accepted ``Origin`` headers; ``None`` accepts any (non-browser clients
             send none; a browser handshake from another site is refused with HTTP 403).
         session_store: where drained sessions wait for a resume on another node.
@@ -155,6 +159,8 @@ class Gateway:
         frame_budget_window: float = 60.0,
         send_queue_frames: int = 1000,
         send_queue_bytes: int = 1 << 20,
+        max_channels: int = 100,
+        max_channel_length: int = 200,
         allowed_origins: Iterable[str] | None = None,
         session_store: SessionStore | None = None,
         presence: Presence | None = None,
@@ -179,6 +185,8 @@ class Gateway:
             send_queue_bytes=send_queue_bytes,
             replay_frames=send_queue_frames,
             replay_bytes=send_queue_bytes,
+            max_channels=max_channels,
+            max_channel_length=max_channel_length,
             resume_gateway_url=resume_gateway_url,
         )
         self.allowed_origins = None if allowed_origins is None else frozenset(allowed_origins)
@@ -604,17 +612,51 @@ class Gateway:
             await self._apply(local, actions)
             return
         self._sessions[session.session_id] = local
-        await self._route_add(local, tuple(session.channels), announce=False)
+        completed = False
         try:
+            await self._route_add(local, tuple(session.channels), announce=False)
             missed = await self._missed_since(session.positions, session.channels)
+            if core.state is ConnectionState.RESUMING:
+                actions += core.resume_complete(missed, self._clock())
+                completed = True
         except HistoryGone:
-            actions += core.resume_rejected(True, self._clock())
-            await self._drop_session(local, session.session_id, session.channels)
+            if core.state is ConnectionState.RESUMING:
+                # The gap cannot be rebuilt: the session is over (INVALID_SESSION, IDENTIFY again).
+                actions += core.resume_rejected(True, self._clock())
+                completed = True  # nothing to put back
+                await self._drop_session(local, session.session_id, session.channels)
+                await self._apply(local, actions)
+                return
+            # (the machine closed meanwhile: put the record back, the next RESUME decides)
+        except Exception:
+            logger.warning("resuming %s failed; its record is put back", session.session_id, exc_info=True)
+        finally:
+            if not completed:
+                # A dependency failed (hub.add, history: BusUnavailable...), the machine gave the
+                # session up (too many live events held during the catch-up: 4010), or we were
+                # cancelled. The session must not stay hosted here on a machine that cannot serve
+                # it: deliveries would advance its positions past what the client never got. Unroute
+                # it and put the record we took back (claimed by us, so the store accepts it); the
+                # client's next RESUME (4000/4010 say RESUME) starts over from it.
+                with anyio.CancelScope(shield=True):
+                    await self._abandon_resume(local, session, record)
+        if not completed:
+            # (a no-op when the machine closed itself already, e.g. 4010)
+            actions += core.force_close(4000, "resume failed; resume again", resumable=False)
             await self._apply(local, actions)
             return
-        actions += core.resume_complete(missed, self._clock())
         await self._presence_join(local, session.channels)
         await self._apply(local, actions)
+
+    async def _abandon_resume(self, local: _Local, session: SessionState, record: SessionRecord) -> None:
+        await self._drop_session(local, session.session_id, session.channels)
+        local.core.session = None  # (a detach of this connection then has nothing to save)
+        local.core.resumable = False
+        with anyio.move_on_after(self.drain_timeout):
+            try:
+                await self.session_store.save(msgspec.structs.replace(record, owner=self.node_id))
+            except Exception:
+                logger.warning("putting session %s back failed", session.session_id, exc_info=True)
 
     async def _missed_since(self, positions: dict[str, Any], channels: Iterable[str]) -> list[Dispatch]:
         missed: list[Dispatch] = []

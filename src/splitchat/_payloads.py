@@ -33,7 +33,9 @@ __all__ = (
     "UnsubscribedPayload",
 )
 
-Channel = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+# Any string: a name over the limits advertised in HELLO (``max_channel_length``) is refused in
+# ``denied``, not rejected, and so is every channel beyond ``max_channels``.
+Channel = str
 Milliseconds = Annotated[int, msgspec.Meta(ge=0)]
 
 
@@ -48,6 +50,9 @@ class HelloPayload(msgspec.Struct, gc=False):
     frame_budget: int
     frame_budget_window: Milliseconds
     resume_window: Milliseconds
+    identify_timeout: Milliseconds  # IDENTIFY/RESUME within this of HELLO or INVALID_SESSION
+    max_channels: int  # channels per session; more are answered in ``denied``
+    max_channel_length: int  # longest channel name; longer ones are answered in ``denied``
 
 
 class ReadyPayload(msgspec.Struct):
@@ -107,8 +112,11 @@ class IdentifyPayload(msgspec.Struct):
     """IDENTIFY (op 2) ``d``: authenticate and open a new session."""
 
     token: str
-    subscriptions: Annotated[list[Channel], msgspec.Meta(max_length=100)] = []
+    subscriptions: list[Channel] = []
     properties: dict[str, Any] = {}
+
+    def __repr__(self) -> str:  # never the token (logs, tracebacks)
+        return f"IdentifyPayload(token=<redacted>, subscriptions={self.subscriptions!r})"
 
 
 class ResumePayload(msgspec.Struct):
@@ -118,11 +126,14 @@ class ResumePayload(msgspec.Struct):
     session_id: str
     seq: Annotated[int, msgspec.Meta(ge=0)]
 
+    def __repr__(self) -> str:  # never the token (logs, tracebacks)
+        return f"ResumePayload(token=<redacted>, session_id={self.session_id!r}, seq={self.seq!r})"
+
 
 class ChannelsPayload(msgspec.Struct):
     """SUBSCRIBE (op 12) / UNSUBSCRIBE (op 13) ``d``."""
 
-    channels: Annotated[list[Channel], msgspec.Meta(max_length=100)]
+    channels: list[Channel]
 
 
 # ---- whole frames (documentation) -----------------------------------------------------------------

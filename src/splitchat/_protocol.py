@@ -90,6 +90,11 @@ class CloseCode(enum.IntEnum):
     SLOW_CONSUMER = 4010
 
 
+# Heartbeats answered per heartbeat interval without charging the frame budget: the regular one,
+# one the server asked for (op 1) and one of jitter. A client that sends more is flooding: each
+# further heartbeat counts against the frame budget (RATE_LIMITED, then 4008 like any frame).
+FREE_HEARTBEATS_PER_INTERVAL = 3
+
 # Closes after which the session stays resumable (everything else ends it).
 RESUMABLE_CLOSES = frozenset({CloseCode.UNKNOWN_ERROR, CloseCode.SESSION_TIMED_OUT, CloseCode.SLOW_CONSUMER})
 
@@ -125,6 +130,9 @@ class GatewayConfig:
             frame_budget=self.frame_budget,
             frame_budget_window=round(self.frame_budget_window * 1000),
             resume_window=round(self.resume_window * 1000),
+            identify_timeout=round(self.identify_timeout * 1000),
+            max_channels=self.max_channels,
+            max_channel_length=self.max_channel_length,
         )
 
 
@@ -143,21 +151,31 @@ class Close:
     resumable: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Authenticate:
-    """IDENTIFY arrived: resolve ``token``, then call :meth:`GatewayConnection.identified`."""
+    """IDENTIFY arrived: resolve ``token``, then call :meth:`GatewayConnection.identified`.
+
+    Its repr redacts the token (actions end up in logs and tracebacks)."""
 
     token: str
 
+    def __repr__(self) -> str:
+        return "Authenticate(token=<redacted>)"
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, repr=False)
 class ResumeLookup:
     """RESUME arrived: authenticate ``token``, find ``session_id``, then call
-    :meth:`GatewayConnection.resume_begin` / ``resume_complete`` or ``resume_rejected``."""
+    :meth:`GatewayConnection.resume_begin` / ``resume_complete`` or ``resume_rejected``.
+
+    Its repr redacts the token."""
 
     token: str
     session_id: str
     seq: int
+
+    def __repr__(self) -> str:
+        return f"ResumeLookup(token=<redacted>, session_id={self.session_id!r}, seq={self.seq!r})"
 
 
 @dataclass(frozen=True)
@@ -439,12 +457,19 @@ class GatewayConnection:
         self._heartbeat_deadline = 0.0
         self._budget_start = 0.0
         self._budget_count = 0
+        self._heartbeat_window_start = 0.0
+        self._heartbeat_count = 0
         self._pending_identify: tuple[str, ...] | None = None  # channels asked in IDENTIFY
+        self._pending_denied: list[str] = []  # refused by the limits before authorization
         self._resume_seq = 0
         self._duplicates_possible = False  # the resume rebuilt a crash checkpoint
         self._catch_up: list[Dispatch] = []  # live deliveries held while a resume catches up
         self._outbox: deque[_Out] = deque()
         self.outbox_bytes = 0
+        # Frames admitted beyond the outbox bound (READY, a resume's replay + RESUMED + held
+        # events) and not yet taken: the bound is raised by them until the writer takes them.
+        self._admitted_frames = 0
+        self._admitted_bytes = 0
         self.outbox_peak_frames = 0
         self._actions: list[Action] = []
 
@@ -455,7 +480,7 @@ class GatewayConnection:
         cfg = self.config
         self._identify_deadline = now + cfg.identify_timeout
         self._heartbeat_deadline = now + 1.5 * cfg.heartbeat_interval
-        self._budget_start = now
+        self._budget_start = self._heartbeat_window_start = now
         self._control(Op.HELLO, cfg.hello())
         return self._take()
 
@@ -479,7 +504,9 @@ class GatewayConnection:
             if frame.op not in _CLIENT_OPS:
                 self._close(CloseCode.UNKNOWN_OPCODE, f"unknown opcode {frame.op}")
             return self._take()
-        if frame.op != Op.HEARTBEAT and not self._charge_budget(frame.op, now):
+        if (frame.op != Op.HEARTBEAT or not self._free_heartbeat(now)) and not self._charge_budget(
+            frame.op, now
+        ):
             return self._take()
         handler(self, frame, now)
         return self._take()
@@ -515,7 +542,12 @@ class GatewayConnection:
             return []
         if self.state is ConnectionState.RESUMING:
             if len(self._catch_up) >= self.config.send_queue_frames:
-                self._close(CloseCode.SLOW_CONSUMER, "too many events during resume")
+                # Resumable like every 4010: this machine gives the session up untouched (the held
+                # events were never numbered) and the I/O layer puts the session's record back
+                # (Gateway: the store record it took), so the client's next RESUME still works.
+                self._catch_up = []
+                self._close(CloseCode.SLOW_CONSUMER, "too many events during resume", resumable=True)
+                self.session = None
             else:
                 self._catch_up.append(dispatch)
             return self._take()
@@ -556,8 +588,7 @@ class GatewayConnection:
             self.resumable = connected and client_code not in (1000, 1001)
         elif client_code in (1000, 1001):
             self.resumable = False
-        self._outbox.clear()
-        self.outbox_bytes = 0
+        self._clear_outbox()
 
     # ---- answers to actions ----------------------------------------------------------------
 
@@ -574,7 +605,7 @@ class GatewayConnection:
         if channels:
             self._actions.append(AuthorizeChannels(channels))
         else:
-            self._ready([], [], now)
+            self._ready([], self._take_denied(), now)
         return self._take()
 
     def authorized(self, granted: Sequence[str], denied: Sequence[str], now: float) -> list[Action]:
@@ -584,7 +615,11 @@ class GatewayConnection:
             return []
         room = self.config.max_channels - len(session.channels)
         accepted = [c for c in granted if c not in session.channels][: max(room, 0)]
-        denied = list(denied) + [c for c in granted if c not in accepted and c not in session.channels]
+        denied = (
+            self._take_denied()
+            + list(denied)
+            + [c for c in granted if c not in accepted and c not in session.channels]
+        )
         session.channels.update(accepted)
         if accepted:
             self._actions.append(Subscribe(tuple(accepted)))
@@ -623,11 +658,11 @@ class GatewayConnection:
             session.buffer_bytes = 0
             self._duplicates_possible = True
         if from_checkpoint and not self._duplicates_possible:
-            self._invalid_session()  # the client is behind what it acknowledged: not resumable
+            self._invalid_session(now)  # the client is behind what it acknowledged: not resumable
         elif self._resume_seq > session.seq:
             self._close(CloseCode.INVALID_SEQ, "seq is ahead of the session", resumable=False)
         elif self._resume_seq < session.buffer_floor or self._resume_seq < 1:
-            self._invalid_session()
+            self._invalid_session(now)
         return self._take()
 
     def resume_complete(self, missed: Iterable[Dispatch], now: float) -> list[Action]:
@@ -642,21 +677,24 @@ class GatewayConnection:
         session.acknowledge(self._resume_seq)
         self._actions.append(Checkpoint())
         self.state = ConnectionState.CONNECTED
+        # Everything below is admitted beyond the outbox bound: a full replay must never overflow
+        # (4010 -> RESUME with the same seq -> 4010 ... forever) nor lose RESUMED, which the
+        # client waits for. The total is bounded: replay buffer + history budget + held + 1.
         for seq, dispatch in replay:
-            self._push(dispatch, seq, dispatch.approximate_size(), False)
+            self._push(dispatch, seq, dispatch.approximate_size(), False, admit=True)
         replayed = len(replay)
         for dispatch in missed:
             if dispatch.channel in session.channels and not session.is_duplicate(dispatch):
-                self._dispatch(dispatch, now)
+                self._dispatch(dispatch, now, admit=True)
                 replayed += 1
         resumed = ResumedPayload(
             replayed=replayed, skipped_ephemeral=skipped, duplicates_possible=self._duplicates_possible
         )
-        self._dispatch(Dispatch.of("RESUMED", resumed, ephemeral=True), now)
+        self._dispatch(Dispatch.of("RESUMED", resumed, ephemeral=True), now, admit=True)
         held, self._catch_up = self._catch_up, []
         for dispatch in held:
             if not session.is_duplicate(dispatch):
-                self._dispatch(dispatch, now)
+                self._dispatch(dispatch, now, admit=True)
         return self._take()
 
     def resume_rejected(self, authenticated: bool, now: float) -> list[Action]:
@@ -666,7 +704,7 @@ class GatewayConnection:
         if not authenticated:
             self._close(CloseCode.AUTHENTICATION_FAILED, "authentication failed", resumable=False)
         else:
-            self._invalid_session()
+            self._invalid_session(now)
         return self._take()
 
     # ---- outbox ----------------------------------------------------------------------------
@@ -675,8 +713,7 @@ class GatewayConnection:
         """The next frame to send (or the final :class:`Close`), ``None`` when nothing is queued."""
         if not self._outbox:
             return None
-        out = self._outbox.popleft()
-        self.outbox_bytes -= out.size
+        out = self._taken()
         item = out.item
         if isinstance(item, Dispatch):
             return item.render(self.encoding, out.seq)
@@ -687,14 +724,28 @@ class GatewayConnection:
         layer that renders it straight into its own buffer (``Dispatch.json_prefix_bytes``)."""
         if not self._outbox:
             return None
+        out = self._taken()
+        return out.item, out.seq
+
+    def _taken(self) -> _Out:
         out = self._outbox.popleft()
         self.outbox_bytes -= out.size
-        return out.item, out.seq
+        if self._admitted_frames:
+            # FIFO: whichever frame leaves, the admitted ones are one frame closer to the door.
+            self._admitted_frames -= 1
+            self._admitted_bytes = max(self._admitted_bytes - out.size, 0)
+        return out
 
     @property
     def outbox_frames(self) -> int:
         """Frames queued and not yet taken by the writer."""
         return len(self._outbox)
+
+    @property
+    def outbox_limit_frames(self) -> int:
+        """The outbox's current frame bound: ``send_queue_frames`` plus the admitted frames
+        (READY, a resume's replay, RESUMED and held events) still queued."""
+        return self.config.send_queue_frames + self._admitted_frames
 
     # ---- handlers (the transition table's targets) ---------------------------------------
 
@@ -714,12 +765,12 @@ class GatewayConnection:
     def _on_identify(self, frame: ClientFrame, now: float) -> None:
         d = frame.d
         token = d.get("token") if isinstance(d, dict) else None
-        channels = self._channels_of(d.get("subscriptions", []) if isinstance(d, dict) else None)
-        if not isinstance(token, str) or channels is None:
+        asked = self._channels_of(d.get("subscriptions", []) if isinstance(d, dict) else None)
+        if not isinstance(token, str) or asked is None:
             self._close(CloseCode.DECODE_ERROR, "invalid IDENTIFY payload")
             return
         self.state = ConnectionState.AUTHENTICATING
-        self._pending_identify = channels
+        self._pending_identify, self._pending_denied = asked
         self._actions.append(Authenticate(token))
 
     def _on_resume(self, frame: ClientFrame, now: float) -> None:
@@ -736,22 +787,25 @@ class GatewayConnection:
         self._actions.append(ResumeLookup(token, session_id, seq))
 
     def _on_subscribe(self, frame: ClientFrame, now: float) -> None:
-        channels = self._channels_of(frame.d.get("channels") if isinstance(frame.d, dict) else None)
-        if channels is None:
+        asked = self._channels_of(frame.d.get("channels") if isinstance(frame.d, dict) else None)
+        if asked is None:
             self._close(CloseCode.DECODE_ERROR, "invalid SUBSCRIBE payload")
             return
+        channels, self._pending_denied = asked
         assert self.session is not None
         new = tuple(c for c in channels if c not in self.session.channels)
         if new:
             self._actions.append(AuthorizeChannels(new))
         else:
-            self._dispatch(Dispatch.of("SUBSCRIBED", SubscribedPayload(granted=[], denied=[])), now)
+            denied = self._take_denied()
+            self._dispatch(Dispatch.of("SUBSCRIBED", SubscribedPayload(granted=[], denied=denied)), now)
 
     def _on_unsubscribe(self, frame: ClientFrame, now: float) -> None:
-        channels = self._channels_of(frame.d.get("channels") if isinstance(frame.d, dict) else None)
-        if channels is None:
+        asked = self._channels_of(frame.d.get("channels") if isinstance(frame.d, dict) else None)
+        if asked is None:
             self._close(CloseCode.DECODE_ERROR, "invalid UNSUBSCRIBE payload")
             return
+        channels = asked[0]  # (a name over the limits cannot be subscribed: nothing to leave)
         assert self.session is not None
         gone = tuple(c for c in channels if c in self.session.channels)
         self.session.channels.difference_update(gone)
@@ -770,13 +824,34 @@ class GatewayConnection:
 
     # ---- internals -------------------------------------------------------------------------
 
-    def _channels_of(self, value: Any) -> tuple[str, ...] | None:
+    def _channels_of(self, value: Any) -> tuple[tuple[str, ...], list[str]] | None:
+        """A channel list from a client: ``None`` if malformed (not a list of strings: 4002);
+        else the usable channels (deduplicated, at most ``max_channels``) and the refused ones
+        (empty, longer than ``max_channel_length``, or beyond ``max_channels``), which are
+        answered in ``denied`` like an authorization refusal: the limits are in HELLO, and a
+        client over them must not be closed into an endless retry of the same request."""
         cfg = self.config
-        if not isinstance(value, list) or len(value) > cfg.max_channels:
+        if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
             return None
-        if not all(isinstance(c, str) and 0 < len(c) <= cfg.max_channel_length for c in value):
-            return None
-        return tuple(dict.fromkeys(value))
+        usable: list[str] = []
+        denied: list[str] = []
+        for channel in dict.fromkeys(value):
+            if 0 < len(channel) <= cfg.max_channel_length and len(usable) < cfg.max_channels:
+                usable.append(channel)
+            else:
+                denied.append(channel)
+        return tuple(usable), denied
+
+    def _take_denied(self) -> list[str]:
+        denied, self._pending_denied = self._pending_denied, []
+        return denied
+
+    def _free_heartbeat(self, now: float) -> bool:
+        """Whether this heartbeat is within the free allowance of its (fixed) interval window."""
+        if now >= self._heartbeat_window_start + self.config.heartbeat_interval:
+            self._heartbeat_window_start, self._heartbeat_count = now, 0
+        self._heartbeat_count += 1
+        return self._heartbeat_count <= FREE_HEARTBEATS_PER_INTERVAL
 
     def _charge_budget(self, op: int, now: float) -> bool:
         cfg = self.config
@@ -807,37 +882,57 @@ class GatewayConnection:
             subscriptions=granted,
             denied=denied,
         )
-        self._dispatch(Dispatch.of("READY", ready), now)
+        self._dispatch(Dispatch.of("READY", ready), now, admit=True)
         self._actions.append(Checkpoint())
 
-    def _invalid_session(self) -> None:
+    def _invalid_session(self, now: float) -> None:
         self.session = None
         self._catch_up = []
         self.state = ConnectionState.AWAITING_IDENTIFY
+        # The client is told to IDENTIFY on this socket: it gets a full identify timeout for it.
+        self._identify_deadline = now + self.config.identify_timeout
         self._control(Op.INVALID_SESSION, False)
 
-    def _dispatch(self, dispatch: Dispatch, now: float) -> None:
+    def _dispatch(self, dispatch: Dispatch, now: float, *, admit: bool = False) -> None:
         session = self.session
         assert session is not None
         seq = session.assign(dispatch, now, self.config)
         if self.state is ConnectionState.CONNECTED:
-            self._push(dispatch, seq, dispatch.approximate_size(), dispatch.ephemeral)
+            self._push(dispatch, seq, dispatch.approximate_size(), dispatch.ephemeral, admit=admit)
 
     def _control(self, op: int, d: Any) -> None:
         frame = encode_control(self.encoding, op, d)
         self._push(frame, 0, len(frame), False)
 
-    def _push(self, item: OutFrame | Dispatch, seq: int, size: int, ephemeral: bool) -> None:
+    def _push(
+        self, item: OutFrame | Dispatch, seq: int, size: int, ephemeral: bool, *, admit: bool = False
+    ) -> None:
+        """Queue a frame within the outbox bounds. ``admit``: a frame the client waits for
+        (READY, a resume's replay, RESUMED, the held live events) is never dropped and never
+        overflows: it is queued beyond the bound, which it raises until the writer takes it. Its
+        count is bounded anyway (replay buffer + history budget + held events + 1)."""
+        if self.state is ConnectionState.CLOSED:
+            return  # nothing goes out after the Close
         cfg = self.config
         outbox = self._outbox
-        if len(outbox) + 1 > cfg.send_queue_frames or self.outbox_bytes + size > cfg.send_queue_bytes:
+        if admit:
+            outbox.append(_Out(item, seq, size, False))
+            self.outbox_bytes += size
+            self._admitted_frames += 1
+            self._admitted_bytes += size
+            if len(outbox) > self.outbox_peak_frames:
+                self.outbox_peak_frames = len(outbox)
+            return
+        max_frames = cfg.send_queue_frames + self._admitted_frames
+        max_bytes = cfg.send_queue_bytes + self._admitted_bytes
+        if len(outbox) + 1 > max_frames or self.outbox_bytes + size > max_bytes:
             # Overflow policy: drop queued ephemeral frames first, then this one if ephemeral,
             # and only then give up on the consumer (4010, resumable).
             kept = deque(o for o in outbox if not o.ephemeral)
             if len(kept) != len(outbox):
                 self._outbox = outbox = kept
                 self.outbox_bytes = sum(o.size for o in kept)
-            if len(outbox) + 1 > cfg.send_queue_frames or self.outbox_bytes + size > cfg.send_queue_bytes:
+            if len(outbox) + 1 > max_frames or self.outbox_bytes + size > max_bytes:
                 if not ephemeral:
                     self._close(CloseCode.SLOW_CONSUMER, "slow consumer", flush=False)
                 return
@@ -856,11 +951,14 @@ class GatewayConnection:
         self.close_code = code
         self.resumable = resumable
         if not flush:
-            self._outbox.clear()
-            self.outbox_bytes = 0
+            self._clear_outbox()
         close = Close(code, reason, resumable)
         self._outbox.append(_Out(close, 0, 0, False))
         self._actions.append(close)
+
+    def _clear_outbox(self) -> None:
+        self._outbox.clear()
+        self.outbox_bytes = self._admitted_frames = self._admitted_bytes = 0
 
     def _take(self) -> list[Action]:
         actions, self._actions = self._actions, []

@@ -103,6 +103,9 @@ class GatewayLimits(msgspec.Struct, frozen=True, kw_only=True):
     frame_budget: int = 120
     frame_budget_window: float = 60.0
     resume_window: float = 120.0
+    identify_timeout: float = 10.0
+    max_channels: int = 100
+    max_channel_length: int = 200
 
     @classmethod
     def from_hello(cls, d: Any) -> GatewayLimits:
@@ -114,11 +117,12 @@ class GatewayLimits(msgspec.Struct, frozen=True, kw_only=True):
             ("heartbeat_interval", 1000.0),
             ("frame_budget_window", 1000.0),
             ("resume_window", 1000.0),
+            ("identify_timeout", 1000.0),
         ):
             value = d.get(key)
             if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
                 kwargs[key] = float(value) / scale
-        for key in ("max_frame_bytes", "frame_budget"):
+        for key in ("max_frame_bytes", "frame_budget", "max_channels", "max_channel_length"):
             value = d.get(key)
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 kwargs[key] = value
@@ -286,7 +290,8 @@ class ClientSession:
 
     def _identify(self) -> SendFrame:
         self.seq = 0
-        identify: dict[str, Any] = {"token": self._token, "subscriptions": list(self.desired)}
+        subscriptions = self._fitting(self.desired, self.limits.max_channels)
+        identify: dict[str, Any] = {"token": self._token, "subscriptions": subscriptions}
         if self._properties:
             identify["properties"] = self._properties
         return SendFrame(Opcode.IDENTIFY, identify)
@@ -378,8 +383,9 @@ class ClientSession:
         """The app wants ``channels``; send SUBSCRIBE now if connected, else at the next session."""
         new = [c for c in channels if c not in self.desired]
         self.desired.update(dict.fromkeys(new))
-        if self.phase == Phase.CONNECTED and new:
-            return [SendFrame(Opcode.SUBSCRIBE, {"channels": new})]
+        fitting = self._fitting(new, self.limits.max_channels - len(self.granted))
+        if self.phase == Phase.CONNECTED and fitting:
+            return [SendFrame(Opcode.SUBSCRIBE, {"channels": fitting})]
         return []
 
     def unsubscribe(self, channels: Iterable[str]) -> list[Action]:
@@ -391,15 +397,23 @@ class ClientSession:
             return [SendFrame(Opcode.UNSUBSCRIBE, {"channels": gone})]
         return []
 
+    def _fitting(self, channels: Iterable[str], room: int) -> list[str]:
+        """The channels the server's limits (HELLO) can grant: names within
+        ``max_channel_length``, at most ``room`` of them. The rest stay desired but unsent: the
+        server would only deny them (older servers closed the connection 4002 instead)."""
+        limit = self.limits.max_channel_length
+        return [c for c in channels if 0 < len(c) <= limit][: max(room, 0)]
+
     def _reconcile_subscriptions(self) -> list[Action]:
         """After READY/RESUMED, send what changed while the socket was down."""
         actions: list[Action] = []
-        missing = [c for c in self.desired if c not in self.granted]
         extra = sorted(self.granted - set(self.desired))
+        room = self.limits.max_channels - len(self.granted) + len(extra)
+        missing = self._fitting([c for c in self.desired if c not in self.granted], room)
+        if extra:  # first: the room it frees counts for the SUBSCRIBE below
+            actions.append(SendFrame(Opcode.UNSUBSCRIBE, {"channels": extra}))
         if missing:
             actions.append(SendFrame(Opcode.SUBSCRIBE, {"channels": missing}))
-        if extra:
-            actions.append(SendFrame(Opcode.UNSUBSCRIBE, {"channels": extra}))
         return actions
 
 

@@ -133,6 +133,7 @@ export class SplitchatClient {
     this.seq = null; // last dispatch sequence number received (null before READY)
     this.user = null;
     this.hello = null;
+    this.granted = new Set(); // channels the server granted to this session
 
     this._listeners = new Map(); // event type -> Set of callbacks; "*" gets every dispatch
     this._stateListeners = new Set();
@@ -317,8 +318,22 @@ export class SplitchatClient {
 
   /** Add channels to this session (persisted across reconnects). */
   subscribe(channels) {
+    const fresh = [...channels].filter((channel) => !this.subscriptions.has(channel));
     for (const channel of channels) this.subscriptions.add(channel);
-    this._sendIfReady({ op: Op.SUBSCRIBE, d: { channels: [...channels] } });
+    // Only what the server's limits (HELLO) can grant: the rest stays wanted, unsent.
+    const fitting = this._fitting(fresh, this._limit("max_channels", 100) - this.granted.size);
+    if (fitting.length) this._sendIfReady({ op: Op.SUBSCRIBE, d: { channels: fitting } });
+  }
+
+  /** The channels the server can grant: names within max_channel_length, at most `room`. */
+  _fitting(channels, room) {
+    const longest = this._limit("max_channel_length", 200);
+    return channels.filter((c) => c.length > 0 && c.length <= longest).slice(0, Math.max(room, 0));
+  }
+
+  _limit(name, fallback) {
+    const value = this.hello && this.hello[name];
+    return Number.isInteger(value) && value > 0 ? value : fallback;
   }
 
   /** Remove channels from this session. */
@@ -377,7 +392,11 @@ export class SplitchatClient {
           ws.send(
             JSON.stringify({
               op: Op.IDENTIFY,
-              d: { token: this.token, subscriptions: [...this.subscriptions], properties: this.properties },
+              d: {
+                token: this.token,
+                subscriptions: this._fitting([...this.subscriptions], this._limit("max_channels", 100)),
+                properties: this.properties,
+              },
             }),
           );
         }
@@ -422,6 +441,7 @@ export class SplitchatClient {
       }
     }
     if (frame.t === "READY") {
+      this.granted = new Set(frame.d.subscriptions || []);
       this.sessionId = frame.d.session_id;
       this.resumeUrl = frame.d.resume_gateway_url || null;
       this.user = frame.d.user;
@@ -440,6 +460,8 @@ export class SplitchatClient {
       this._emit("RESUMED", frame.d, frame);
       return;
     }
+    if (frame.t === "SUBSCRIBED") for (const c of frame.d.granted || []) this.granted.add(c);
+    if (frame.t === "UNSUBSCRIBED") for (const c of frame.d.channels || []) this.granted.delete(c);
     if (frame.t === "RATE_LIMITED") {
       this._rateLimited({ retryAfter: frame.d.retry_after, op: frame.d.op, source: "gateway" });
     }
