@@ -220,7 +220,9 @@ def test_failed_send_can_be_retried_or_dismissed(browser: Any, limited_chat_url:
         context_b.close()
 
 
-def test_narrow_screen_keeps_messages_composer_and_status_visible(browser: Any, limited_chat_url: str) -> None:
+def test_narrow_screen_keeps_messages_composer_and_status_visible(
+    browser: Any, limited_chat_url: str
+) -> None:
     width, height = 400, 740
     context = browser.new_context(viewport={"width": width, "height": height})
     page = context.new_page()
