@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from .browser_support import browser_skip_reason, chromium, serve_in_thread
@@ -119,3 +120,141 @@ def test_two_users_chat_with_typing_presence_and_offline_resume(browser: Any, ch
     finally:
         context_a.close()
         context_b.close()
+
+
+# ---- sending under the rate limit, failed sends, narrow screens ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def limited_chat_url() -> Iterator[str]:
+    from examples.chat.app import ChatConfig, build_app
+
+    # The message limit lowered from 5 per 5 s to 3 per second: 8 quick messages hit it twice
+    # and the test still takes only a few seconds.
+    config = ChatConfig(heartbeat_interval=5.0, message_rate="3/second", typing_rate="100/second")
+    with serve_in_thread(build_app(config)) as url:
+        yield url
+
+
+def server_history(url: str, page: Any) -> list[str]:
+    token = page.evaluate("window.chat.client.token")
+    response = httpx.get(
+        f"{url}/api/channels/general/messages?limit=100",
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=10,
+    )
+    assert response.status_code == 200
+    return [message["content"] for message in reversed(response.json())]  # oldest first
+
+
+def confirmed_count(page: Any, count: int) -> str:
+    return f"document.querySelectorAll('#messages .message:not(.pending):not(.failed)').length === {count}"
+
+
+def test_quick_sends_under_the_rate_limit_keep_their_order(browser: Any, limited_chat_url: str) -> None:
+    context_a, alice = join(browser, limited_chat_url, "alice")
+    context_b, bob = join(browser, limited_chat_url, "bob")
+    statuses: list[int] = []
+    alice.on(
+        "response",
+        lambda response: statuses.append(response.status) if response.request.method == "POST" else None,
+    )
+    try:
+        expected = [f"m{n:02d}" for n in range(8)]
+        for text in expected:
+            send(alice, text)
+        alice.wait_for_function(confirmed_count(alice, 8), timeout=20_000)
+        bob.wait_for_function(confirmed_count(bob, 8), timeout=20_000)
+        assert message_texts(alice) == expected
+        assert message_texts(bob) == expected
+        assert server_history(limited_chat_url, alice) == expected
+        # The limit really was hit (else this test would prove nothing about retries), and no
+        # message was given up.
+        assert 429 in statuses
+        assert alice.eval_on_selector_all(".message.failed", "els => els.length") == 0
+    finally:
+        context_a.close()
+        context_b.close()
+
+
+def test_failed_send_can_be_retried_or_dismissed(browser: Any, limited_chat_url: str) -> None:
+    context_a, alice = join(browser, limited_chat_url, "carol")
+    context_b, bob = join(browser, limited_chat_url, "dave")
+    before = server_history(limited_chat_url, alice)
+
+    def refuse_doomed(route: Any) -> None:
+        # A final (non-retryable) refusal for messages whose text starts with "doomed".
+        body = route.request.post_data or ""
+        if route.request.method == "POST" and '"content":"doomed' in body:
+            route.fulfill(
+                status=400,
+                content_type="application/json",
+                body='{"code": "invalid_body", "message": "Simulated refusal", "errors": {}}',
+            )
+        else:
+            route.continue_()
+
+    alice.route("**/api/channels/general/messages", refuse_doomed)
+    try:
+        send(alice, "doomed 1")
+        send(alice, "doomed 2")
+        send(alice, "after")
+        alice.wait_for_selector(".message.failed:has-text('doomed 2')")
+        # A failure does not hold the queue: "after" went through; the two failures wait.
+        alice.wait_for_function(confirmed_count(alice, len(before) + 1))
+        failed = alice.eval_on_selector_all(".message.failed .content", "els => els.map(e => e.textContent)")
+        assert failed == ["doomed 1", "doomed 2"]
+        assert "Simulated refusal" in alice.text_content(".message.failed .error")
+
+        alice.unroute("**/api/channels/general/messages")
+        alice.click(".message.failed:has-text('doomed 1') button.retry")
+        alice.click(".message.failed:has-text('doomed 2') button.dismiss")
+        alice.wait_for_function(confirmed_count(alice, len(before) + 2))
+        assert alice.eval_on_selector_all(".message.failed, .message.pending", "els => els.length") == 0
+        bob.wait_for_function(confirmed_count(bob, len(before) + 2))
+        assert message_texts(bob)[-2:] == ["after", "doomed 1"]
+        assert message_texts(alice)[-2:] == ["after", "doomed 1"]
+        assert server_history(limited_chat_url, alice) == [*before, "after", "doomed 1"]
+    finally:
+        context_a.close()
+        context_b.close()
+
+
+def test_narrow_screen_keeps_messages_composer_and_status_visible(
+    browser: Any, limited_chat_url: str
+) -> None:
+    width, height = 400, 740
+    context = browser.new_context(viewport={"width": width, "height": height})
+    page = context.new_page()
+    failures: list[str] = []
+    page.on("response", lambda r: failures.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    try:
+        page.goto(limited_chat_url + "/")
+        page.fill("#name", "a-rather-long-name-for-a-phone")
+        page.click("#login-btn")
+        page.wait_for_selector('#connection[data-state="ready"]')
+        page.wait_for_selector("#presence li")
+        send(page, "a long message " + "word " * 40 + "and-an-unbroken-" + "x" * 80)
+        page.wait_for_selector(".message:not(.pending)")
+
+        def box(selector: str) -> dict[str, float]:
+            found = page.locator(selector).first.bounding_box()
+            assert found is not None, selector
+            return dict(found)
+
+        for selector in ["#send-btn", "#content", "#connection", "#presence li", "#channels li", "#messages"]:
+            rect = box(selector)
+            assert rect["x"] >= 0 and rect["x"] + rect["width"] <= width, (selector, rect)
+            assert rect["y"] >= 0 and rect["y"] + rect["height"] <= height, (selector, rect)
+        # Nothing is wider than the screen (no horizontal scrolling), the message wraps.
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        message = box(".message:not(.pending)")
+        assert message["x"] + message["width"] <= width
+        assert failures == []  # no /favicon.ico (or any other) 404
+
+        ARTIFACTS.mkdir(exist_ok=True)
+        shot = ARTIFACTS / "chat-400px.png"
+        page.screenshot(path=str(shot))
+        assert shot.stat().st_size > 1000
+    finally:
+        context.close()

@@ -7,8 +7,11 @@ route publishes, a real WebSocket gateway client (websockets) that checks the di
 from __future__ import annotations
 
 import json
+import re
+import urllib.parse
 from collections.abc import Iterator
 from typing import Any
+from xml.etree import ElementTree
 
 import httpx
 import pytest
@@ -88,6 +91,16 @@ def test_index_page_and_browser_client_are_served(http: httpx.Client) -> None:
     assert "javascript" in module.headers["content-type"]
     assert "export class SplitchatClient" in module.text
     assert http.get("/static/chat.js").status_code == 200
+
+
+def test_index_page_has_an_inline_svg_favicon(http: httpx.Client) -> None:
+    # Without a <link rel="icon"> browsers request /favicon.ico on every load (a 404).
+    page = http.get("/").text
+    match = re.search(r'<link rel="icon" href="data:image/svg\+xml,([^"]+)">', page)
+    assert match is not None
+    svg = ElementTree.fromstring(urllib.parse.unquote(match.group(1)))
+    assert svg.tag == "{http://www.w3.org/2000/svg}svg"
+    assert len(svg) > 0  # it draws something
 
 
 # ---- login (demo auth) -----------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Run it::
 
-    python examples/chat/app.py --host 127.0.0.1 --port 8000
+    .venv/bin/python examples/chat/app.py --port 8000
 
 Built only on splitchat's public API: writes are commands on a ``CommandEndpoint`` mounted at
 ``/api`` (its OpenAPI document at ``/api/openapi.json``); events reach browsers through the

@@ -4,6 +4,9 @@ import { SplitchatClient, makeNonce } from "/splitchat/splitchat.js";
 const TYPING_TTL_MS = 10_000; // a TYPING_START shows for ~10 s unless renewed
 const TYPING_THROTTLE_MS = 8_000; // send at most one typing command per 8 s while typing
 const HISTORY_PAGE = 100;
+// Messages typed but not yet answered, per channel. Bounded: past this the composer keeps the
+// text and says so, instead of growing a queue the rate limit would take minutes to drain.
+const MAX_OUTBOX_PER_CHANNEL = 50;
 
 const $ = (selector) => document.querySelector(selector);
 const chat = {
@@ -12,7 +15,8 @@ const chat = {
   channels: [],
   current: null,
   messages: new Map(), // channel id -> Map(message id -> message)
-  pending: new Map(), // nonce -> optimistic message (not yet confirmed by the server)
+  pending: new Map(), // nonce -> {message, failed}: optimistic copy, not yet confirmed by the server
+  outbox: new Map(), // channel id -> {nonces: [...], busy}: sends waiting their turn, oldest first
   typing: new Map(), // channel id -> Map(user id -> {name, expires})
   presence: new Map(), // channel id -> Map(user id -> user)
   lastTypingSent: 0,
@@ -62,7 +66,15 @@ function messageElement(message, { pending = false, failed = null } = {}) {
     const why = document.createElement("span");
     why.className = "error";
     why.textContent = ` — not sent: ${failed}`;
-    row.append(why);
+    const retry = document.createElement("button");
+    retry.className = "retry";
+    retry.textContent = "retry";
+    retry.onclick = () => retrySend(message.nonce);
+    const dismiss = document.createElement("button");
+    dismiss.className = "dismiss";
+    dismiss.textContent = "dismiss";
+    dismiss.onclick = () => dismissSend(message.nonce);
+    row.append(why, retry, dismiss);
   }
   if (!pending && message.id && chat.user && message.author.id === chat.user.id) {
     const edit = document.createElement("button");
@@ -153,13 +165,17 @@ function showConnection(state) {
   el.textContent = STATE_LABELS[state] || state;
 }
 
-let rateLimitTimer = null;
-function showRateLimit(retryAfter) {
+let noticeTimer = null;
+function showNotice(text, seconds = 3) {
   const el = $("#rate-limit");
   el.hidden = false;
-  el.textContent = `You are sending too fast; retrying in ${retryAfter.toFixed(1)} s.`;
-  clearTimeout(rateLimitTimer);
-  rateLimitTimer = setTimeout(() => (el.hidden = true), Math.max(1000, retryAfter * 1000));
+  el.textContent = text;
+  clearTimeout(noticeTimer);
+  noticeTimer = setTimeout(() => (el.hidden = true), Math.max(1000, seconds * 1000));
+}
+
+function showRateLimit(retryAfter) {
+  showNotice(`You are sending too fast; retrying in ${retryAfter.toFixed(1)} s.`, retryAfter);
 }
 
 // ---- data loading --------------------------------------------------------------------------------
@@ -192,20 +208,84 @@ function selectChannel(channelId) {
 
 // ---- actions ---------------------------------------------------------------------------------------
 
-async function sendMessage(content) {
+// Sending is a per-channel queue with one request in flight: the next message waits for the
+// previous one's final answer, rate-limit retries included. Sending them concurrently let each
+// 429'd request sleep its own retry_after, so a later message could win the race and be stored
+// first (for everyone: the server's order is the order requests arrive), and several requests
+// retrying into the same exhausted bucket ran out of retries. One at a time, the wait after a
+// 429 is the bucket's real reset time and the stored order is the typed order.
+
+function outboxOf(channelId) {
+  if (!chat.outbox.has(channelId)) chat.outbox.set(channelId, { nonces: [], busy: false });
+  return chat.outbox.get(channelId);
+}
+
+function sendMessage(content) {
+  const box = outboxOf(chat.current);
+  if (box.nonces.length >= MAX_OUTBOX_PER_CHANNEL) return false;
   const nonce = makeNonce();
   const message = { id: null, nonce, channel_id: chat.current, author: chat.user, content };
   chat.pending.set(nonce, { message, failed: null });
   renderMessages();
+  enqueueSend(message.channel_id, nonce);
+  return true;
+}
+
+function enqueueSend(channelId, nonce) {
+  const box = outboxOf(channelId);
+  box.nonces.push(nonce);
+  if (!box.busy) drainOutbox(channelId, box);
+}
+
+async function drainOutbox(channelId, box) {
+  box.busy = true;
+  try {
+    while (box.nonces.length) {
+      const item = chat.pending.get(box.nonces.shift());
+      // Dismissed, or already confirmed by its MESSAGE_CREATE: nothing to send.
+      if (item && !item.failed) await deliver(item);
+    }
+  } finally {
+    box.busy = false;
+  }
+}
+
+async function deliver(item) {
+  const { message } = item;
   try {
     // The same nonce goes in the body (echoed on the message for reconciliation) and as the
     // Idempotency-Key of every retry, so a retried send creates one message.
-    const created = await chat.client.send(`/api/channels/${message.channel_id}/messages`, { content, nonce }, { nonce });
+    const created = await chat.client.send(
+      `/api/channels/${message.channel_id}/messages`,
+      { content: message.content, nonce: message.nonce },
+      { nonce: message.nonce },
+    );
     upsertMessage(created);
   } catch (err) {
-    const item = chat.pending.get(nonce);
-    if (item) item.failed = err.message || "error";
+    // A failure does not hold the queue: later messages go on, this one waits for the user.
+    if (chat.pending.get(message.nonce) === item) item.failed = err.message || "error";
   }
+  if (message.channel_id === chat.current) renderMessages();
+}
+
+function retrySend(nonce) {
+  const item = chat.pending.get(nonce);
+  if (!item || !item.failed) return;
+  if (outboxOf(item.message.channel_id).nonces.length >= MAX_OUTBOX_PER_CHANNEL) return;
+  // Same nonce: if the failed attempt did reach the server, the retry gets the original answer
+  // instead of a second message. It goes to the back of the queue (and of the pending list), as
+  // it is now sent after whatever was typed meanwhile.
+  item.failed = null;
+  chat.pending.delete(nonce);
+  chat.pending.set(nonce, item);
+  renderMessages();
+  enqueueSend(item.message.channel_id, nonce);
+}
+
+function dismissSend(nonce) {
+  const item = chat.pending.get(nonce);
+  if (!item || !item.failed) return;
+  chat.pending.delete(nonce);
   renderMessages();
 }
 
@@ -309,8 +389,11 @@ $("#composer").addEventListener("submit", (event) => {
   const input = $("#content");
   const content = input.value;
   if (!content.trim() || !chat.current) return;
-  input.value = "";
-  sendMessage(content);
+  if (sendMessage(content)) {
+    input.value = "";
+  } else {
+    showNotice("Too many messages waiting to be sent; try again in a moment.");
+  }
 });
 
 $("#content").addEventListener("input", () => {
