@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import urllib.parse
+import uuid
 from collections.abc import Iterator
 from typing import Any
 from xml.etree import ElementTree
@@ -367,3 +368,42 @@ def test_store_is_bounded_per_channel() -> None:
     store.add(Message(id="9", channel_id="b", author={"id": "u", "name": "u"}, content="", timestamp=""))
     assert [m.id for m in store.page("a", limit=100)] == ["5", "4", "3"]
     assert [m.id for m in store.page("b", limit=100)] == ["9"]
+
+
+@pytest.mark.redis
+def test_chat_runs_on_the_redis_bus_and_state() -> None:
+    # SPLITCHAT_BUS_URL / SPLITCHAT_STATE_URL switch the example to Redis: a message posted over
+    # HTTP comes back over the gateway through Redis Streams, with sessions etc. in Redis.
+    prefix = f"chat-test-{uuid.uuid4().hex[:8]}:"
+    config = ChatConfig.from_env(
+        {
+            "SPLITCHAT_BUS_URL": f"redis://127.0.0.1:6379/0?prefix={prefix}bus:",
+            "SPLITCHAT_STATE_URL": "redis://127.0.0.1:6379/0",
+            "SPLITCHAT_STATE_PREFIX": prefix,
+        }
+    )
+    try:
+        with serve_in_thread(build_app(config)) as url, httpx.Client(base_url=url, timeout=10) as http:
+            token, user = login(http, "redis-user")
+            with connect(url.replace("http", "ws") + "/gateway", open_timeout=10) as ws:
+                client = GatewayClient(ws, token, ["general"])
+                assert client.ready["d"]["subscriptions"] == ["general"]
+                sent = http.post(
+                    "/api/channels/general/messages",
+                    json={"content": "via redis", "nonce": "r1"},
+                    headers=auth(token),
+                )
+                assert sent.status_code == 200, sent.text
+                event = client.next("MESSAGE_CREATE")
+                assert event["d"]["id"] == sent.json()["id"] and event["d"]["content"] == "via redis"
+                assert event["d"]["author"] == user and event["nonce"] == "r1"
+                position = sent.json()["event"]["position"]
+                assert position["offset"] == 1  # a fresh stream under this run's prefix
+    finally:
+        import redis
+
+        r = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+        keys = list(r.scan_iter(f"{prefix}*"))
+        if keys:
+            r.delete(*keys)
+        r.close()
