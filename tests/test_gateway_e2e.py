@@ -611,7 +611,7 @@ async def test_too_many_live_events_during_a_cross_node_catch_up_close_4010_resu
                 bus.gate = gate = anyio.Event()
                 ws2, _ = await _connect_hello(server2)
                 await send(ws2, {"op": 6, "d": {"token": "token-1", "session_id": session_id, "seq": 1}})
-                await wait_until(lambda: "room" in second._routes)
+                await wait_until(lambda: "room" in second._hub.routes)
                 for n in range(5):  # one more than the hold admits
                     await post(http, "room", {"n": n})
                 await expect_close(ws2, 4010)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from . import _payloads as p
-from ._protocol import RESUMABLE_CLOSES, CloseCode, GatewayConfig
+from ._protocol_types import RESUMABLE_CLOSES, CloseCode, GatewayConfig
 
 if TYPE_CHECKING:
     from ._gateway import Gateway

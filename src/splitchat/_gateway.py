@@ -4,9 +4,10 @@ Per connection: one reader loop (client frames -> machine), one writer task (mac
 socket), one deadline ticker and one close watchdog, all in the connection's task group. Fan-out
 never awaits a socket: the hub appends to each session's bounded outbox and wakes its writer.
 
-Per process: ONE bus subscription (the hub) whose channels are the union of the local sessions'
-channels, with ``channel -> set(sessions)`` for local fan-out. A delivery is decoded once and
-its frame encoded at most once per encoding; only ``s`` is spliced in per session.
+Per process: ONE bus subscription, the hub (:mod:`splitchat._hub`: routing, fan-out, presence).
+RESUME and the crash checkpoints are in :mod:`splitchat._resume`. This module keeps the
+gateway's lifecycle (start, drain, close), the ASGI adapter, the connection's tasks, the
+application callbacks (authentication, channel authorization) and session detach / expiry.
 """
 
 from __future__ import annotations
@@ -16,17 +17,16 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Self
 from urllib.parse import parse_qs
 
 import anyio
 import anyio.abc
-import msgspec
 
 from ._auth import AuthenticationError, Authenticator, ChannelAuthorizer, Principal, allow_all_channels
-from ._events import decode_event, encode_event
-from ._frames import Dispatch, Encoding
-from ._payloads import PresenceUpdatePayload
+from ._frames import Encoding
+from ._hub import Hub
+from ._local import _Local
 from ._presence import InMemoryPresence, Presence
 from ._protocol import (
     Action,
@@ -38,76 +38,17 @@ from ._protocol import (
     GatewayConfig,
     GatewayConnection,
     ResumeLookup,
-    SessionState,
     Subscribe,
     Unsubscribe,
 )
+from ._resume import checkpoint_loop, resume
 from ._sessions import InMemorySessionStore, SessionRecord, SessionStore
-from ._snowflake import SnowflakeGenerator
 from ._types import Receive, Scope, Send
-from .bus._base import Bus, Delivery, Gap, HistoryGone, Subscription
+from .bus._base import Bus, Subscription
 
 __all__ = ("Gateway",)
 
 logger = logging.getLogger("splitchat.gateway")
-
-_HISTORY_PAGE = 100
-
-
-class _Local:
-    """A session (or a not-yet-identified connection) hosted by this process.
-
-    ``core`` is the protocol machine; after a same-node RESUME the new connection's ``_Local``
-    takes the session's place in the routes and the old one is dropped.
-    """
-
-    __slots__ = (
-        "_closing",
-        "_waiting",
-        "_wake",
-        "attached",
-        "checkpointed_at",
-        "close_sent",
-        "closing",
-        "connection_id",
-        "core",
-        "expires_at",
-    )
-
-    def __init__(self, core: GatewayConnection, connection_id: str) -> None:
-        self.core = core
-        self.connection_id = connection_id
-        self.attached = True
-        self.expires_at = 0.0
-        self.checkpointed_at = 0.0  # monotonic time of the last checkpoint written
-        self.closing: Close | None = None
-        self.close_sent = False
-        self._wake = anyio.Event()
-        self._waiting = False
-        self._closing = anyio.Event()
-
-    def notify_closing(self) -> None:
-        self._closing.set()
-
-    async def wait_closing(self) -> None:
-        await self._closing.wait()
-
-    def wake(self) -> None:
-        # Only a writer parked in wait() needs the event: a busy writer takes every queued frame
-        # before it parks again (no await between its empty check and wait()). Setting it on
-        # every delivery was ~10% of the ASGI path's CPU in fan-out.
-        if self._waiting:
-            self._waiting = False
-            self._wake.set()
-
-    async def wait(self) -> None:
-        """Park until :meth:`wake`; the caller checked the outbox was empty just before."""
-        self._wake = anyio.Event()
-        self._waiting = True
-        try:
-            await self._wake.wait()
-        finally:
-            self._waiting = False
 
 
 class Gateway:
@@ -171,7 +112,6 @@ class Gateway:
         checkpoint_interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.bus = bus
         self.authenticator = authenticator
         self.authorize_channel = authorize_channel
         self.config = GatewayConfig(
@@ -193,21 +133,23 @@ class Gateway:
         self.session_store: SessionStore = (
             session_store if session_store is not None else InMemorySessionStore()
         )
-        self.presence: Presence = presence if presence is not None else InMemoryPresence()
         self.drain_timeout = drain_timeout
-        self.announce_presence = announce_presence
         self.node_id = node_id if node_id is not None else secrets.token_hex(6)
         self.checkpoint_interval = checkpoint_interval
         self._dirty: set[_Local] = set()  # connected sessions whose checkpoint must be written
         self._clock = clock
-        self._ids = SnowflakeGenerator(secrets.randbelow(1024))
-        self._routes: dict[str, set[_Local]] = {}
+        self._hub = Hub(
+            bus,
+            presence if presence is not None else InMemoryPresence(),
+            announce_presence=announce_presence,
+            clock=clock,
+            after=self._after,
+        )
         self._sessions: dict[str, _Local] = {}  # session id -> host (attached or detached)
         self._connections: set[_Local] = set()  # attached connections
         # anyio primitives need a running loop: they are made in start(), so a Gateway can be
         # built at import time like any ASGI app.
         self._idle: anyio.Event | None = None
-        self._hub: Subscription | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._accepting = False
         self._drained = False
@@ -215,29 +157,58 @@ class Gateway:
         self._background_done: anyio.Event | None = None
         self._next_connection = 0
 
+    # The hub holds these (it subscribes, announces and tracks presence with them).
+
+    @property
+    def bus(self) -> Bus:
+        """The bus the gateway subscribes to."""
+        return self._hub.bus
+
+    @bus.setter
+    def bus(self, bus: Bus) -> None:
+        self._hub.bus = bus
+
+    @property
+    def presence(self) -> Presence:
+        """Channel membership of the connected sessions."""
+        return self._hub.presence
+
+    @presence.setter
+    def presence(self, presence: Presence) -> None:
+        self._hub.presence = presence
+
+    @property
+    def announce_presence(self) -> bool:
+        """Whether PRESENCE_UPDATE is published on first join / last leave."""
+        return self._hub.announce_presence
+
+    @announce_presence.setter
+    def announce_presence(self, announce: bool) -> None:
+        self._hub.announce_presence = announce
+
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Open the hub subscription and start the fan-out and expiry tasks."""
         if self._task_group is not None:
             return
-        self._hub = self.bus.subscribe()
+        subscription = self._hub.open()
         self._background_scope = anyio.CancelScope()
         self._background_done = anyio.Event()
         self._drained = False
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
-        self._task_group.start_soon(self._background, self._hub)
+        self._task_group.start_soon(self._background, subscription)
         self._accepting = True
 
-    async def _background(self, hub: Subscription) -> None:
+    async def _background(self, subscription: Subscription) -> None:
         assert self._background_scope is not None and self._background_done is not None
         try:
             with self._background_scope:
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._hub_loop, hub)
+                    tg.start_soon(self._hub.run, subscription)
                     tg.start_soon(self._expiry_loop)
-                    tg.start_soon(self._checkpoint_loop)
+                    tg.start_soon(checkpoint_loop, self)
         finally:
             self._background_done.set()
 
@@ -261,10 +232,7 @@ class Gateway:
             session = local.core.session
             if session is None or local.core.state is not ConnectionState.CONNECTED:
                 continue
-            for channel in session.channels:
-                routes = self._routes.get(channel)
-                if routes is not None:
-                    routes.discard(local)
+            self._hub.unroute(local, session.channels)
             frozen.append(SessionRecord.from_state(session, expires_at, self.node_id))
         with anyio.move_on_after(self.drain_timeout):
             try:
@@ -283,8 +251,7 @@ class Gateway:
         if self._background_scope is not None and self._background_done is not None:
             self._background_scope.cancel()
             await self._background_done.wait()
-        if self._hub is not None:
-            await self._hub.aclose()
+        await self._hub.aclose()
         expires_at = time.time() + self.config.resume_window
         records = [
             SessionRecord.from_state(local.core.session, expires_at, self.node_id)
@@ -298,7 +265,7 @@ class Gateway:
                 logger.exception("saving %d sessions on drain failed", len(records))
         self._dirty.clear()
         self._sessions.clear()
-        self._routes.clear()
+        self._hub.routes.clear()
 
     async def close(self) -> None:
         """Drain (see :meth:`drain`), then end the gateway's task group. Idempotent.
@@ -487,11 +454,11 @@ class Gateway:
                 granted, denied = await self._authorize(local, action.channels)
                 await self._apply(local, local.core.authorized(granted, denied, self._clock()))
             elif isinstance(action, Subscribe):
-                await self._route_add(local, action.channels)
+                await self._hub.add(local, action.channels)
             elif isinstance(action, Unsubscribe):
-                await self._route_remove(local, action.channels)
+                await self._hub.remove(local, action.channels)
             elif isinstance(action, ResumeLookup):
-                await self._resume(local, action)
+                await resume(self, local, action)
             elif isinstance(action, Checkpoint):
                 self._dirty.add(local)
             else:
@@ -537,237 +504,7 @@ class Gateway:
             (granted if ok else denied).append(channel)
         return granted, denied
 
-    async def _resume(self, local: _Local, request: ResumeLookup) -> None:
-        core = local.core
-        principal = await self._authenticate(request.token)
-        if principal is None:
-            await self._apply(local, core.resume_rejected(False, self._clock()))
-            return
-        host = self._sessions.get(request.session_id)
-        if host is not None and host is not local:
-            old = host.core
-            if old.session is None or old.session.principal.id != principal.id:
-                await self._apply(local, core.resume_rejected(True, self._clock()))
-                return
-            if not await self._still_owner(request.session_id):
-                # Another node hosted the session since (the client resumed there and came
-                # back): our copy is stale. Drop it and resume from the store like any node.
-                if old.state is not ConnectionState.CLOSED:
-                    self._after(host, old.force_close(4000, "session resumed elsewhere", resumable=False))
-                    host.attached = False
-                    await self._presence_leave(host, old.session.channels)
-                if self._sessions.get(request.session_id) is host and old.session is not None:
-                    await self._drop_session(host, request.session_id, old.session.channels)
-                old.session = None
-                old.resumable = False
-                host = None
-        if host is not None and host is not local:
-            old = host.core
-            assert old.session is not None
-            if old.state is not ConnectionState.CLOSED:
-                # The client came back before we noticed it left: the old socket is superseded.
-                self._after(host, old.force_close(4000, "session resumed elsewhere", resumable=True))
-                host.attached = False
-                await self._presence_leave(host, old.session.channels)
-                if self._sessions.get(request.session_id) is not host or old.session is None:
-                    await self._apply(local, core.resume_rejected(True, self._clock()))
-                    return  # someone else resumed it meanwhile
-            if not old.resumable:
-                await self._apply(local, core.resume_rejected(True, self._clock()))
-                return
-            # Same node: the detached session kept collecting events; swap hosts atomically
-            # (no await between) so no delivery falls between the two machines.
-            session = old.session
-            old.session = None
-            old.resumable = False
-            self._sessions[request.session_id] = local
-            for channel in session.channels:
-                routes = self._routes.get(channel)
-                if routes is not None:
-                    routes.discard(host)
-                    routes.add(local)
-            now = self._clock()
-            actions = list(core.resume_begin(session, now))
-            if core.state is ConnectionState.RESUMING:
-                actions += core.resume_complete((), now)
-                await self._presence_join(local, session.channels)
-            else:
-                await self._drop_session(local, session.session_id, session.channels)
-            await self._apply(local, actions)
-            return
-        # Claim first: from now on the previous host (a zombie, or a detached copy) can no longer
-        # overwrite the record, so what we take is the newest it will ever be.
-        await self.session_store.claim(request.session_id, self.node_id, self._record_expiry())
-        record = await self.session_store.take(request.session_id)
-        if record is None or record.principal.id != principal.id:
-            if record is not None:
-                await self.session_store.save(record)  # not theirs: leave it for its owner
-            await self._apply(local, core.resume_rejected(True, self._clock()))
-            return
-        # Other node: subscribe live first (deliveries are held by the machine), then rebuild what
-        # was missed from bus history after the snapshot's positions, then flush the held ones.
-        session = record.to_state(self._clock())
-        actions = list(core.resume_begin(session, self._clock(), from_checkpoint=record.checkpoint))
-        if core.state is not ConnectionState.RESUMING:
-            await self._apply(local, actions)
-            return
-        self._sessions[session.session_id] = local
-        completed = False
-        try:
-            await self._route_add(local, tuple(session.channels), announce=False)
-            missed = await self._missed_since(session.positions, session.channels)
-            if core.state is ConnectionState.RESUMING:
-                actions += core.resume_complete(missed, self._clock())
-                completed = True
-        except HistoryGone:
-            if core.state is ConnectionState.RESUMING:
-                # The gap cannot be rebuilt: the session is over (INVALID_SESSION, IDENTIFY again).
-                actions += core.resume_rejected(True, self._clock())
-                completed = True  # nothing to put back
-                await self._drop_session(local, session.session_id, session.channels)
-                await self._apply(local, actions)
-                return
-            # (the machine closed meanwhile: put the record back, the next RESUME decides)
-        except Exception:
-            logger.warning("resuming %s failed; its record is put back", session.session_id, exc_info=True)
-        finally:
-            if not completed:
-                # A dependency failed (hub.add, history: BusUnavailable...), the machine gave the
-                # session up (too many live events held during the catch-up: 4010), or we were
-                # cancelled. The session must not stay hosted here on a machine that cannot serve
-                # it: deliveries would advance its positions past what the client never got. Unroute
-                # it and put the record we took back (claimed by us, so the store accepts it); the
-                # client's next RESUME (4000/4010 say RESUME) starts over from it.
-                with anyio.CancelScope(shield=True):
-                    await self._abandon_resume(local, session, record)
-        if not completed:
-            # (a no-op when the machine closed itself already, e.g. 4010)
-            actions += core.force_close(4000, "resume failed; resume again", resumable=False)
-            await self._apply(local, actions)
-            return
-        await self._presence_join(local, session.channels)
-        await self._apply(local, actions)
-
-    async def _abandon_resume(self, local: _Local, session: SessionState, record: SessionRecord) -> None:
-        await self._drop_session(local, session.session_id, session.channels)
-        local.core.session = None  # (a detach of this connection then has nothing to save)
-        local.core.resumable = False
-        with anyio.move_on_after(self.drain_timeout):
-            try:
-                await self.session_store.save(msgspec.structs.replace(record, owner=self.node_id))
-            except Exception:
-                logger.warning("putting session %s back failed", session.session_id, exc_info=True)
-
-    async def _missed_since(self, positions: dict[str, Any], channels: Iterable[str]) -> list[Dispatch]:
-        missed: list[Dispatch] = []
-        budget = self.config.replay_frames
-        for channel in sorted(channels):
-            since = positions.get(channel)
-            if since is None:
-                continue  # nothing delivered before the snapshot: nothing to compare against
-            while True:
-                page = await self.bus.history(channel, since, limit=_HISTORY_PAGE)
-                for delivery in page:
-                    dispatch = self._decode(delivery)
-                    if dispatch is not None:
-                        missed.append(dispatch)
-                if len(missed) > budget:
-                    raise HistoryGone("more missed events than a replay may hold")
-                if len(page) < _HISTORY_PAGE:
-                    break
-                last = page[-1].position
-                assert last is not None
-                since = last
-        return missed
-
-    # ---- routing, presence ----------------------------------------------------------------
-
-    async def _route_add(self, local: _Local, channels: Sequence[str], *, announce: bool = True) -> None:
-        session = local.core.session
-        if session is not None and self.bus.supports_history:
-            # The resume seam of a channel with no delivery yet, read BEFORE routing: an event
-            # published in between is then after the seam (replayed from history if missed),
-            # never deduplicated away.
-            for channel in channels:
-                if channel not in session.positions:
-                    try:
-                        session.seed_position(channel, await self.bus.current_position(channel))
-                    except Exception:
-                        logger.debug("no current position for %r", channel, exc_info=True)
-        new: list[str] = []
-        for channel in channels:
-            routes = self._routes.get(channel)
-            if routes is None:
-                routes = self._routes[channel] = set()
-                new.append(channel)
-            routes.add(local)
-        if new and self._hub is not None:
-            await self._hub.add(new)
-        if announce:
-            await self._presence_join(local, channels)
-
-    async def _route_remove(self, local: _Local, channels: Iterable[str], *, announce: bool = True) -> None:
-        empty: list[str] = []
-        for channel in channels:
-            routes = self._routes.get(channel)
-            if routes is None:
-                continue
-            routes.discard(local)
-            if not routes:
-                del self._routes[channel]
-                empty.append(channel)
-        if empty and self._hub is not None:
-            try:
-                await self._hub.remove(empty)
-            except Exception:
-                logger.debug("hub remove failed", exc_info=True)
-        if announce:
-            await self._presence_leave(local, channels)
-
-    async def _presence_join(self, local: _Local, channels: Iterable[str]) -> None:
-        session = local.core.session
-        if session is None:
-            return
-        for channel in channels:
-            try:
-                first = await self.presence.join(channel, session.principal, local.connection_id)
-            except Exception:  # presence is advisory: its backend failing must not drop the client
-                logger.warning("presence join failed on %r", channel, exc_info=True)
-                continue
-            if first:
-                await self._announce(channel, session.principal, "online")
-
-    async def _presence_leave(self, local: _Local, channels: Iterable[str]) -> None:
-        session = local.core.session
-        if session is None:
-            return
-        for channel in channels:
-            try:
-                last = await self.presence.leave(channel, session.principal, local.connection_id)
-            except Exception:  # the lease expires on its own
-                logger.warning("presence leave failed on %r", channel, exc_info=True)
-                continue
-            if last:
-                await self._announce(channel, session.principal, "offline")
-
-    async def _announce(
-        self, channel: str, principal: Principal, status: Literal["online", "offline"]
-    ) -> None:
-        await self._announce_identity(channel, principal.identity(), status)
-
-    async def _announce_identity(
-        self, channel: str, identity: dict[str, Any], status: Literal["online", "offline"]
-    ) -> None:
-        if not self.announce_presence:
-            return
-        data = PresenceUpdatePayload(channel=channel, user=identity, status=status)
-        payload = encode_event(
-            id=self._ids.next_str(), type="PRESENCE_UPDATE", channel=channel, data=data, ephemeral=True
-        )
-        try:
-            await self.bus.publish_ephemeral(channel, payload)
-        except Exception:
-            logger.debug("presence update not published", exc_info=True)
+    # ---- sessions: detach, drop, expiry ----------------------------------------------------
 
     async def _detach(self, local: _Local) -> None:
         """The connection ended: keep a resumable session for the window, drop anything else."""
@@ -778,7 +515,7 @@ class Gateway:
         local.attached = False
         self._dirty.discard(local)
         with anyio.CancelScope(shield=True):
-            await self._presence_leave(local, session.channels)
+            await self._hub.presence_leave(local, session.channels)
             if core.resumable:
                 local.expires_at = self._clock() + self.config.resume_window
                 # The full record, so that a RESUME landing on another node (no sticky
@@ -795,109 +532,10 @@ class Gateway:
     async def _drop_session(self, local: _Local, session_id: str, channels: Iterable[str]) -> None:
         if self._sessions.get(session_id) is local:
             del self._sessions[session_id]
-        await self._route_remove(local, list(channels), announce=False)
-
-    # ---- hub -------------------------------------------------------------------------------
-
-    def _decode(self, delivery: Delivery) -> Dispatch | None:
-        try:
-            event = decode_event(delivery.payload)
-        except msgspec.DecodeError:
-            logger.warning("undecodable event on channel %r dropped", delivery.channel)
-            return None
-        return Dispatch(
-            event.type,
-            bytes(event.data),
-            event_id=event.id,
-            channel=delivery.channel,
-            nonce=event.nonce,
-            position=delivery.position,
-            ephemeral=event.ephemeral or delivery.position is None,
-        )
-
-    async def _hub_loop(self, hub: Subscription) -> None:
-        async for item in hub:
-            try:
-                self._fan_out(item)
-            except Exception:  # a bug must not stop delivery to everyone else
-                logger.exception("fan-out of an item on %r failed", item.channel)
-
-    def _fan_out(self, item: Delivery | Gap) -> None:
-        routes = self._routes.get(item.channel)
-        if not routes:
-            return
-        now = self._clock()
-        if isinstance(item, Gap):
-            for local in list(routes):
-                self._after(local, local.core.invalidate(now))
-            return
-        dispatch = self._decode(item)  # once per delivery, shared by every recipient
-        if dispatch is None:
-            return
-        for local in routes:
-            if dispatch.ephemeral and not local.attached:
-                continue  # never replayed, so a session waiting for a resume skips them
-            actions = local.core.deliver(dispatch, now)
-            if actions:
-                self._after(local, actions)
-            elif local.attached:
-                local.wake()
+        await self._hub.remove(local, list(channels), announce=False)
 
     def _record_expiry(self) -> float:
         return time.time() + self.config.resume_window
-
-    async def _still_owner(self, session_id: str) -> bool:
-        """Claim ``session_id`` for this node; ``False`` if another node held it meanwhile."""
-        try:
-            previous = await self.session_store.claim(session_id, self.node_id, self._record_expiry())
-        except Exception:
-            # Store down: serve the local copy (availability); ownership is rechecked on the
-            # next checkpoint write, which a node that lost the session gets refused.
-            logger.warning("session store unavailable; resuming %s from memory", session_id)
-            return True
-        return previous is None or previous == self.node_id
-
-    async def _checkpoint_loop(self) -> None:
-        """Write the checkpoints of connected sessions in batches: the dirty ones every
-        ``checkpoint_interval``, and every session at least every third of the resume window
-        (so its record outlives it). Never one store write per dispatch."""
-        refresh = self.config.resume_window / 3
-        while True:
-            await anyio.sleep(self.checkpoint_interval)
-            now = self._clock()
-            due = {
-                local
-                for local in self._sessions.values()
-                if local.attached and now - local.checkpointed_at >= refresh
-            }
-            due |= self._dirty
-            self._dirty = set()
-            expires_at = self._record_expiry()
-            batch: list[_Local] = []
-            records: list[SessionRecord] = []
-            for local in due:
-                session = local.core.session
-                if local.attached and session is not None and local.core.state is ConnectionState.CONNECTED:
-                    batch.append(local)
-                    records.append(SessionRecord.checkpoint_of(session, expires_at, self.node_id))
-            if not batch:
-                continue
-            try:
-                with anyio.fail_after(max(self.checkpoint_interval, 2.0)):
-                    saved = await self.session_store.save_many(records)
-            except Exception:
-                logger.warning("checkpoint of %d sessions failed; retrying", len(batch), exc_info=True)
-                self._dirty.update(batch)
-                continue
-            for local, ok in zip(batch, saved, strict=True):
-                local.checkpointed_at = now
-                if not ok and local.core.session is not None:
-                    # Another node took the session over (this connection is a zombie).
-                    session = local.core.session
-                    self._after(
-                        local, local.core.force_close(4000, "session resumed elsewhere", resumable=False)
-                    )
-                    await self._drop_session(local, session.session_id, session.channels)
 
     async def _expiry_loop(self) -> None:
         period = min(1.0, self.config.resume_window / 4)
@@ -909,7 +547,7 @@ class Gateway:
                 logger.warning("presence sweep failed", exc_info=True)
                 expired = []
             for channel, identity in expired:
-                await self._announce_identity(channel, identity, "offline")
+                await self._hub.announce_identity(channel, identity, "offline")
             now = self._clock()
             for session_id, local in list(self._sessions.items()):
                 if not local.attached and local.expires_at <= now:

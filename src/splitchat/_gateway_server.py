@@ -29,7 +29,8 @@ from types import TracebackType
 from typing import Self, cast
 
 from ._frames import Dispatch, Encoding
-from ._gateway import Gateway, _Local
+from ._gateway import Gateway
+from ._local import _Local
 from ._protocol import Action, Checkpoint, Close, ConnectionState, GatewayConnection
 from ._websocket import (
     MAX_REQUEST_HEAD,

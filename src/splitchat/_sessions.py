@@ -29,7 +29,7 @@ import msgspec
 
 from ._auth import Principal
 from ._frames import Dispatch
-from ._protocol import SessionState
+from ._session_state import SessionState
 from .bus._base import Position
 
 __all__ = ("BufferedDispatch", "InMemorySessionStore", "SessionRecord", "SessionStore")
