@@ -9,6 +9,7 @@ server side (frames and close codes received) and from the page (state changes, 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -69,6 +70,7 @@ class Script:
     on_resume: list[str] = field(default_factory=list)  # per connection: "resumed" | "invalid"
     dispatch_after_ready: int = 0
     resend_on_resume: bool = False  # resume like a node rebuilding a crash checkpoint
+    resume_gateway_url: str | None = None  # what READY advertises
     connections: list[Connection] = field(default_factory=list)
     http_attempts: list[dict[str, Any]] = field(default_factory=list)
     http_plan: list[int] = field(default_factory=list)  # statuses to answer before 200
@@ -132,7 +134,10 @@ def build_app(script: Script) -> Starlette:
                         await ws.close(4004, "authentication failed")
                         conn.close_code = 4004
                         return
-                    await dispatch("READY", {"session_id": "sess-1", "resume_gateway_url": None, "user": {}})
+                    await dispatch(
+                        "READY",
+                        {"session_id": "sess-1", "resume_gateway_url": script.resume_gateway_url, "user": {}},
+                    )
                     for n in range(script.dispatch_after_ready):
                         await dispatch("MESSAGE_CREATE", {"n": n}, f"e{n}")
                 elif frame["op"] == 6:
@@ -331,3 +336,38 @@ def test_send_gives_up_with_a_typed_error(harness: tuple[Script, Any]) -> None:
     )
     assert error == {"name": "SplitchatHTTPError", "status": 503, "code": "unavailable"}
     assert len(script.http_attempts) == 3
+
+
+@pytest.mark.parametrize("dead", ["refused", "silent"])
+def test_dead_resume_url_is_tried_twice_then_the_configured_url_resumes(
+    harness: tuple[Script, Any], dead: str
+) -> None:
+    script, page = harness
+    script.heartbeat_interval = 300
+    script.ack_heartbeats = [False, True]  # a zombie: the client reconnects after READY
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # Bound, not listening: every connection is refused. Listening, never accepting: the
+        # TCP handshake succeeds and the WebSocket upgrade is never answered (connectTimeout).
+        sock.bind(("127.0.0.1", 0))
+        if dead == "silent":
+            sock.listen(8)
+        script.resume_gateway_url = f"ws://127.0.0.1:{sock.getsockname()[1]}/gateway"
+        page.evaluate(
+            """() => { window.reconnects = [];
+            const c = window.makeClient({ token: "tok", connectTimeout: 500 });
+            c.onState((state, info) => { if (state === "reconnecting") window.reconnects.push(info); });
+            c.connect(); }"""
+        )
+        page.wait_for_function("window.states.some(([s]) => s === 'resumed')", timeout=15_000)
+    # The scripted gateway (the configured URL) saw the first connection and then the RESUME of
+    # the same session: the two attempts in between went to the dead resume URL.
+    assert len(script.connections) == 2
+    assert script.connections[1].received[0] == {
+        "op": 6,
+        "d": {"token": "tok", "session_id": "sess-1", "seq": 1},
+    }
+    reconnects = page.evaluate("window.reconnects")
+    assert len(reconnects) == 3
+    assert [bool(r.get("resumeUrlGivenUp")) for r in reconnects] == [False, False, True]
+    assert states(page) == ["connecting", "ready", "reconnecting", "reconnecting", "reconnecting", "resumed"]
+    assert page.evaluate("window.client._resumeUrlFailures") == 2

@@ -8,11 +8,13 @@ command endpoint is reached directly, so "gateway down, HTTP up" is a real situa
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import socket
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import pytest
 
 from splitchat.client import (
@@ -347,3 +349,86 @@ async def test_cancellation_around_the_client_leaves_no_task_or_socket_behind() 
         attempts = len(proxy.attempt_times)
         await anyio.sleep(0.6)  # a leaked runner would reconnect (and heartbeat) by now
         assert len(proxy.attempt_times) == attempts == 1
+
+
+@contextmanager
+def closed_port() -> Iterator[int]:
+    """A loopback port bound but not listening: every connection to it is refused, and no other
+    process can take it meanwhile (unlike a port picked, closed and hoped to stay free)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+async def test_dead_resume_url_is_tried_twice_then_the_configured_url_resumes_the_session() -> None:
+    with closed_port() as port:
+        dead = f"ws://127.0.0.1:{port}/gateway"
+        async with stack(heartbeat_interval=2.0, resume_gateway_url=dead) as (server, proxy):
+            async with make_client(server, proxy) as client, anyio.create_task_group() as tg:
+                collector = Collector(client)
+                tg.start_soon(collector.run)
+                await collector.wait_for(lambda: collector.of_type(Ready))
+                assert client._session.resume_url == dead
+                await client.send("POST", "/channels/room:1/burst", {"start": 0, "count": 3})
+                await collector.wait_for(lambda: len(collector.dispatches("NUMBER")) >= 3)
+                assert proxy.cut() == 1
+                await client.send("POST", "/channels/room:1/burst", {"start": 3, "count": 3})
+                await collector.wait_for(lambda: collector.of_type(Resumed))
+                await collector.wait_for(lambda: len(collector.dispatches("NUMBER")) >= 6)
+                stats = client.stats
+                # Two refused attempts on the resume URL, then the configured URL (the proxy):
+                # the same session resumed there, the events missed meanwhile replayed once.
+                assert (stats.connect_failures, stats.resume_url_fallbacks) == (2, 1)
+                assert stats.last_connect_error is not None and stats.last_connect_error.startswith("OSError")
+                assert len(proxy.attempt_times) == 2 and stats.connection_attempts == 4
+                assert (stats.identifies, stats.resumes) == (1, 1)
+                assert stats.last_close_code == 1006  # the cut, not overwritten by the refusals
+                assert [d.d["n"] for d in collector.dispatches("NUMBER")] == list(range(6))
+                assert not collector.of_type(Resync)
+                collector.assert_exactly_once_in_order()
+                tg.cancel_scope.cancel()
+
+
+async def test_server_shutdown_close_code_survives_the_failed_reconnects() -> None:
+    app, _gateway, _faults = build_app(heartbeat_interval=2.0)
+    server = ThreadedServer(app)
+    await anyio.to_thread.run_sync(server.start)
+    try:
+        client = SplitchatClient(
+            server.url,
+            token=TOKEN,
+            subscriptions=["room:1"],
+            reconnect_min_delay=0.02,
+            reconnect_max_delay=0.05,
+        )
+        async with client:
+            assert isinstance(await client.receive(5), Ready)
+            await anyio.to_thread.run_sync(server.stop)
+            with anyio.fail_after(10):
+                while client.stats.connect_failures < 3:  # noqa: ASYNC110 - counters of the runner
+                    await anyio.sleep(0.02)
+            stats = client.stats
+            assert stats.last_close_code == 1012  # the gateway's "restarting: resume" close
+            assert stats.connections == 1 and stats.connection_attempts >= 4
+            assert stats.last_connect_error is not None
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(server.stop)
+
+
+async def test_identify_after_a_refused_resume_on_the_same_connection_is_counted() -> None:
+    async with stack(heartbeat_interval=2.0, resume_window=0.3) as (server, proxy):
+        async with make_client(server, proxy) as client, anyio.create_task_group() as tg:
+            collector = Collector(client)
+            tg.start_soon(collector.run)
+            await collector.wait_for(lambda: collector.of_type(Ready))
+            proxy.refuse = True
+            proxy.cut()
+            await anyio.sleep(1.0)  # past the resume window: the RESUME will be refused
+            proxy.refuse = False
+            await collector.wait_for(lambda: collector.of_type(Resync))
+            stats = client.stats
+            # RESUME refused with INVALID_SESSION, then IDENTIFY on that same connection.
+            assert (stats.identifies, stats.resumes) == (2, 1)
+            assert stats.connections == 2
+            tg.cancel_scope.cancel()

@@ -22,7 +22,7 @@ from splitchat.client import (
     Resumed,
     Resync,
 )
-from splitchat.client._session import CloseSocket, Deliver, Phase, SendFrame
+from splitchat.client._session import CloseSocket, Deliver, Phase, ReconnectPlan, SendFrame
 
 HELLO = Frame(
     op=10,
@@ -380,3 +380,67 @@ def test_identify_and_resume_actions_never_show_the_token_in_reprs() -> None:
         # ...while what goes on the wire still authenticates.
         assert frame.d["token"] == secret
         assert secret in str(FrameCodec("json").encode(frame.op, frame.d))
+
+
+# -- resume URL fallback ---------------------------------------------------------------------
+
+RESUME_URL = "ws://127.0.0.1:1/gw"  # what ready() advertises
+
+
+def test_resume_url_is_given_up_after_two_failed_attempts_and_the_session_still_resumes() -> None:
+    session = connected_session()
+    session.connection_lost(1006)
+    # Attempt 1: the connection itself fails (refused, timeout): no socket at all.
+    assert session.next_resume_url() == RESUME_URL
+    assert session.connection_lost(None) == ReconnectPlan(resume=True, resume_url_given_up=False)
+    # Attempt 2: a socket opens but closes before HELLO (a proxy in front of a dead node).
+    assert session.next_resume_url() == RESUME_URL
+    session.connection_opened()
+    assert session.connection_lost(1006) == ReconnectPlan(resume=True, resume_url_given_up=True)
+    # Attempt 3 goes to the configured URL, and it RESUMEs the same session there.
+    assert session.next_resume_url() is None
+    session.connection_opened()
+    (resume,) = sends(session.receive(HELLO, 0.0))
+    assert resume == SendFrame(Opcode.RESUME, {"token": "tok", "session_id": "sess-1", "seq": 1})
+    # Failures on the configured URL do not count against (or re-enable) the resume URL.
+    assert session.connection_lost(1006) == ReconnectPlan(resume=True, resume_url_given_up=False)
+    assert session.next_resume_url() is None
+    assert session.connection_lost(None).resume_url_given_up is False
+
+
+def test_a_resume_url_that_says_hello_keeps_its_two_chances() -> None:
+    session = connected_session()
+    session.connection_lost(1006)
+    assert session.next_resume_url() == RESUME_URL
+    session.connection_lost(None)  # one failure
+    assert session.next_resume_url() == RESUME_URL
+    session.connection_opened()
+    session.receive(HELLO, 0.0)  # it answered: the count starts over
+    session.receive(Frame(op=0, s=2, t="RESUMED", d={"replayed": 0}), 0.0)
+    assert session.connection_lost(1006).resume_url_given_up is False  # lost after HELLO: not a failure
+    assert session.next_resume_url() == RESUME_URL
+    session.connection_lost(None)
+    assert session.next_resume_url() == RESUME_URL  # consecutive failures only
+    assert session.connection_lost(None).resume_url_given_up is True
+    assert session.next_resume_url() is None
+
+
+def test_a_new_session_gets_a_fresh_resume_url_and_no_session_means_no_resume_url() -> None:
+    session = connected_session()
+    session.connection_lost(1006)
+    for _ in range(2):
+        assert session.next_resume_url() == RESUME_URL
+        session.connection_lost(None)
+    assert session.next_resume_url() is None
+    # The configured URL refuses the RESUME: IDENTIFY there, new READY with its resume URL.
+    session.connection_opened()
+    session.receive(HELLO, 0.0)
+    session.receive(Frame(op=9, d=False), 0.0)
+    assert session.session_id is None and session.next_resume_url() is None  # nothing to resume
+    session.receive(ready(session_id="sess-2"), 0.0)
+    session.connection_lost(1006)
+    assert session.next_resume_url() == RESUME_URL
+    # Before any READY there is neither a session nor a resume URL: always the configured URL.
+    fresh = ClientSession(token="tok")
+    assert fresh.next_resume_url() is None
+    assert fresh.connection_lost(None) == ReconnectPlan(resume=False, resume_url_given_up=False)

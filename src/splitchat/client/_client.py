@@ -34,15 +34,27 @@ __all__ = ("ClientStats", "SplitchatClient")
 
 @dataclass
 class ClientStats:
-    """Counters of what the gateway connection went through (for tests, metrics and logs)."""
+    """Counters of what the gateway connection went through (for tests, metrics and logs).
+
+    ``identifies`` / ``resumes`` count every IDENTIFY / RESUME frame sent (an IDENTIFY after a
+    refused RESUME on the same connection counts too). ``last_close_code`` is the close code of
+    the last connection that was actually open (``None`` until one ended; 1006 if it died without
+    a close frame); attempts that never opened a connection do not overwrite it — a server
+    shutdown stays visible as its 1001/1012 while the reconnects fail — they count in
+    ``connect_failures`` with their error in ``last_connect_error``. ``resume_url_fallbacks``
+    counts the times the client gave up on READY's ``resume_gateway_url`` for the configured URL.
+    """
 
     connection_attempts: int = 0
     connections: int = 0
+    connect_failures: int = 0
     identifies: int = 0
     resumes: int = 0
     zombie_closes: int = 0
     backpressure_waits: int = 0
+    resume_url_fallbacks: int = 0
     last_close_code: int | None = None
+    last_connect_error: str | None = None
 
 
 def _gateway_url(base_url: str, path: str, encoding: str) -> str:
@@ -310,12 +322,13 @@ class SplitchatClient:
             while True:
                 started = anyio.current_time()
                 code = await self._run_connection()
-                self.stats.last_close_code = code
                 try:
-                    self._session.connection_lost(code)
+                    plan = self._session.connection_lost(code)
                 except AuthenticationFailed as exc:
                     self._fatal = exc
                     return
+                if plan.resume_url_given_up:
+                    self.stats.resume_url_fallbacks += 1
                 if self._closing:
                     return
                 if self._session.established and anyio.current_time() - started >= self._stable_after:
@@ -324,16 +337,25 @@ class SplitchatClient:
         finally:
             self._out_send.close()
 
+    def _next_url(self) -> str:
+        """The URL of the next connection attempt (READY's resume URL while it answers)."""
+        resume_url = self._session.next_resume_url() if self._use_resume_url else None
+        return self.gateway_url if resume_url is None else _with_encoding(resume_url, self._encoding)
+
     async def _run_connection(self) -> int | None:
+        """One connection: connect, run it until it ends; return its close code.
+
+        ``None`` when no close frame was seen, including when the attempt never connected.
+        """
         session = self._session
-        url = self.gateway_url
-        if session.session_id is not None and session.resume_url and self._use_resume_url:
-            url = _with_encoding(session.resume_url, self._encoding)
+        url = self._next_url()
         self.stats.connection_attempts += 1
         try:
             with anyio.fail_after(self._connect_timeout):
                 ws = await WebSocket.connect(url, ssl_context=self._ssl_context)
-        except (OSError, HandshakeRejected, ConnectionClosed, TimeoutError):
+        except (OSError, HandshakeRejected, ConnectionClosed, TimeoutError) as exc:
+            self.stats.connect_failures += 1
+            self.stats.last_connect_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             return None
         self.stats.connections += 1
         self._ws = ws
@@ -351,7 +373,9 @@ class SplitchatClient:
             self._reader_blocked = False
             with anyio.CancelScope(shield=True):
                 await ws.abort()
-        return self._local_close if self._local_close is not None else code
+        code = self._local_close if self._local_close is not None else code
+        self.stats.last_close_code = code
+        return code
 
     async def _read_loop(self, ws: WebSocket) -> int | None:
         session = self._session
@@ -369,10 +393,6 @@ class SplitchatClient:
             actions = session.receive(frame, anyio.current_time())
             if was == Phase.AWAIT_HELLO and session.phase == Phase.AWAIT_READY:
                 self._budget = _FrameBudget(session.limits.frame_budget, session.limits.frame_budget_window)
-                if session.session_id is not None:
-                    self.stats.resumes += 1
-                else:
-                    self.stats.identifies += 1
             self._timers_changed.set()
             if await self._apply(ws, actions):
                 return self._local_close
@@ -433,6 +453,12 @@ class SplitchatClient:
                 await anyio.sleep(wait)
             self._budget.record(anyio.current_time())
         await ws.send(self._codec.encode(action.op, action.d))
+        # Counted once sent, wherever the session decided it (after HELLO, or after a refused
+        # RESUME on the same connection).
+        if action.op == Opcode.IDENTIFY:
+            self.stats.identifies += 1
+        elif action.op == Opcode.RESUME:
+            self.stats.resumes += 1
 
     async def _deliver(self, item: ClientEvent) -> None:
         if isinstance(item, Dispatch) and item.t == "RATE_LIMITED" and isinstance(item.d, Mapping):

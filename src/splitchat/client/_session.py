@@ -34,6 +34,12 @@ __all__ = (
 # other than 1000/1001 keeps the server-side session resumable.
 RECONNECT_CLOSE_CODE = 4000
 
+# Consecutive failed attempts (no HELLO) on READY's resume_gateway_url before the client falls
+# back to its configured gateway URL for the rest of that session. Two, not one: a node that is
+# merely restarting its listener gets a second chance; more would only prolong an outage (a
+# wrong or dead resume URL otherwise kept the client away from a healthy gateway for good).
+RESUME_URL_ATTEMPTS = 2
+
 
 class AuthenticationFailed(Exception):
     """The gateway closed with 4004: the token was rejected. The client does not reconnect."""
@@ -87,9 +93,14 @@ class CloseSocket(msgspec.Struct, frozen=True):
 
 
 class ReconnectPlan(msgspec.Struct, frozen=True):
-    """What to do after a connection ended: ``resume`` the session or identify afresh."""
+    """What to do after a connection ended: ``resume`` the session or identify afresh.
+
+    ``resume_url_given_up``: this failure was the last allowed on READY's resume URL; from the
+    next attempt on the configured gateway URL is used (still resuming, if ``resume``).
+    """
 
     resume: bool
+    resume_url_given_up: bool = False
 
 
 Action = SendFrame | Deliver | CloseSocket
@@ -185,12 +196,30 @@ class ClientSession:
         self.resume_url: str | None = None
         self.seq = 0
         self.established = False  # this connection reached READY/RESUMED
+        self.resume_url_failures = 0  # consecutive attempts on resume_url that got no HELLO
+        self._via_resume_url = False  # the current/last attempt went to resume_url
         self._ever_ready = False
         self._resync_reason = "not_resumable"
         self._next_beat: float | None = None
         self._ack_deadline: float | None = None
 
     # -- connection lifecycle -------------------------------------------------------------
+
+    def next_resume_url(self) -> str | None:
+        """Where to connect next: READY's resume URL, or ``None`` for the configured gateway URL.
+
+        The resume URL is used while there is a session to resume, and only until it has failed
+        :data:`RESUME_URL_ATTEMPTS` times in a row (no HELLO from it); then the configured URL
+        takes over, still RESUMEing the same session (the server answers RESUMED or
+        INVALID_SESSION). Call it once per connection attempt: it records which URL was chosen.
+        """
+        use = (
+            self.session_id is not None
+            and self.resume_url is not None
+            and self.resume_url_failures < RESUME_URL_ATTEMPTS
+        )
+        self._via_resume_url = use
+        return self.resume_url if use else None
 
     def connection_opened(self) -> None:
         """A new WebSocket is open; the server speaks first (HELLO)."""
@@ -200,10 +229,16 @@ class ClientSession:
         self._ack_deadline = None
 
     def connection_lost(self, code: int | None) -> ReconnectPlan:
-        """The connection ended with close ``code`` (``None``: no close frame). Plan the next one.
+        """The connection ended with close ``code`` (``None``: no connection was made). Plan the next one.
 
-        Raises :class:`AuthenticationFailed` on 4004: a rejected token never gets better by retrying.
+        Also call it when the connection attempt itself failed. Raises
+        :class:`AuthenticationFailed` on 4004: a rejected token never gets better by retrying.
         """
+        given_up = False
+        if self._via_resume_url and self.phase in (Phase.DISCONNECTED, Phase.AWAIT_HELLO):
+            self.resume_url_failures += 1  # the resume URL never said HELLO
+            given_up = self.resume_url_failures == RESUME_URL_ATTEMPTS
+        self._via_resume_url = False
         self.phase = Phase.DISCONNECTED
         self._next_beat = None
         self._ack_deadline = None
@@ -211,11 +246,13 @@ class ClientSession:
             raise AuthenticationFailed("the gateway rejected the token (close code 4004)")
         if code == CloseCode.INVALID_SEQ:
             self._drop_session("invalid_seq")
-        return ReconnectPlan(resume=self.session_id is not None)
+            given_up = False
+        return ReconnectPlan(resume=self.session_id is not None, resume_url_given_up=given_up)
 
     def _drop_session(self, reason: str) -> None:
         self.session_id = None
         self.resume_url = None
+        self.resume_url_failures = 0
         self.seq = 0
         self._resync_reason = reason
 
@@ -300,6 +337,8 @@ class ClientSession:
         if self.phase != Phase.AWAIT_HELLO:
             return []
         self.limits = GatewayLimits.from_hello(frame.d)
+        if self._via_resume_url:
+            self.resume_url_failures = 0  # the resume URL answers: keep using it
         interval = self.limits.heartbeat_interval
         # First beat after interval x jitter, so clients reconnecting together do not beat together.
         self._next_beat = now + interval * self._rng.random()
@@ -353,6 +392,7 @@ class ClientSession:
         self.session_id = session_id
         resume_url = info.get("resume_gateway_url")
         self.resume_url = resume_url if isinstance(resume_url, str) and resume_url else None
+        self.resume_url_failures = 0  # a new session, a new resume URL to try
         subscriptions = _str_tuple(info.get("subscriptions"))
         denied = _str_tuple(info.get("denied"))
         self.granted = set(subscriptions)

@@ -33,6 +33,11 @@ const REIDENTIFY_CLOSE_CODES = new Set([4007]);
 // The close code the client uses when it drops a connection on purpose but wants to RESUME
 // (zombie connection, server asked for RECONNECT). 1000/1001 would end the session server-side.
 export const RESUMABLE_CLIENT_CLOSE = 4000;
+// Consecutive failed attempts (no HELLO) on READY's resume_gateway_url before the client falls
+// back to its configured gatewayUrl for the rest of that session, still RESUMEing (the server
+// answers RESUMED or INVALID_SESSION). Same rule as the Python client: a dead or wrong resume URL
+// must not keep the client away from a healthy gateway forever.
+export const RESUME_URL_ATTEMPTS = 2;
 
 /** Full-jitter exponential backoff: a uniform delay in [0, min(cap, base * 2^attempt)) ms. */
 export function backoffDelay(attempt, { base = 500, cap = 30000, random = Math.random } = {}) {
@@ -112,6 +117,7 @@ export class SplitchatClient {
     backoff = { base: 500, cap: 30000 },
     maxRetries = 5,
     maxRetryAfter = 60,
+    connectTimeout = 10000,
     WebSocketImpl = globalThis.WebSocket,
     fetchImpl = globalThis.fetch ? globalThis.fetch.bind(globalThis) : null,
   } = {}) {
@@ -124,6 +130,7 @@ export class SplitchatClient {
     this.backoff = backoff;
     this.maxRetries = maxRetries;
     this.maxRetryAfter = maxRetryAfter;
+    this.connectTimeout = connectTimeout; // ms without HELLO before an attempt counts as failed
     this._WebSocket = WebSocketImpl;
     this._fetch = fetchImpl;
 
@@ -143,6 +150,10 @@ export class SplitchatClient {
     this._awaitingAck = false;
     this._attempt = 0;
     this._reconnectTimer = null;
+    this._handshakeTimer = null;
+    this._viaResumeUrl = false; // the current attempt went to resumeUrl
+    this._helloSeen = false; // the current socket got HELLO
+    this._resumeUrlFailures = 0; // consecutive attempts on resumeUrl without HELLO
     this._stopped = true;
     this._onOnline = null;
     this._everReady = false;
@@ -301,6 +312,8 @@ export class SplitchatClient {
     this._stopped = true;
     clearTimeout(this._reconnectTimer);
     this._reconnectTimer = null;
+    clearTimeout(this._handshakeTimer);
+    this._handshakeTimer = null;
     this._stopHeartbeat();
     if (this._onOnline) {
       globalThis.removeEventListener("online", this._onOnline);
@@ -348,15 +361,25 @@ export class SplitchatClient {
 
   _open() {
     if (this.state !== "reconnecting") this._setState("connecting", { attempt: this._attempt });
-    const url = gatewayUrlFrom(this.sessionId && this.resumeUrl ? this.resumeUrl : this.gatewayUrl);
+    this._viaResumeUrl = Boolean(
+      this.sessionId && this.resumeUrl && this._resumeUrlFailures < RESUME_URL_ATTEMPTS,
+    );
+    this._helloSeen = false;
+    const url = gatewayUrlFrom(this._viaResumeUrl ? this.resumeUrl : this.gatewayUrl);
     let ws;
     try {
       ws = new this._WebSocket(url);
     } catch (err) {
-      this._scheduleReconnect({ error: String(err) });
+      this._scheduleReconnect({ error: String(err), ...this._attemptEnded() });
       return;
     }
     this._ws = ws;
+    // A host that accepts but never answers (black-holed, half-dead node) would otherwise hold
+    // this attempt for the browser's own minutes-long timeout.
+    this._handshakeTimer = setTimeout(() => {
+      this._handshakeTimer = null;
+      if (this._ws === ws && !this._helloSeen) this._drop(ws, "no HELLO in time");
+    }, this.connectTimeout);
     ws.onmessage = (message) => {
       if (this._ws !== ws) return;
       let frame;
@@ -371,7 +394,7 @@ export class SplitchatClient {
       if (this._ws !== ws) return; // a socket we already abandoned
       this._ws = null;
       this._stopHeartbeat();
-      this._handleClose(event.code, event.reason);
+      this._handleClose(event.code, event.reason, this._attemptEnded());
     };
     ws.onerror = () => {}; // always followed by onclose, which decides what to do
   }
@@ -379,6 +402,10 @@ export class SplitchatClient {
   _handleFrame(ws, frame) {
     switch (frame.op) {
       case Op.HELLO:
+        clearTimeout(this._handshakeTimer);
+        this._handshakeTimer = null;
+        this._helloSeen = true;
+        if (this._viaResumeUrl) this._resumeUrlFailures = 0; // it answers: keep using it
         this.hello = frame.d;
         this._startHeartbeat(ws, frame.d.heartbeat_interval);
         if (this.sessionId && this.seq !== null) {
@@ -444,6 +471,7 @@ export class SplitchatClient {
       this.granted = new Set(frame.d.subscriptions || []);
       this.sessionId = frame.d.session_id;
       this.resumeUrl = frame.d.resume_gateway_url || null;
+      this._resumeUrlFailures = 0; // a new session: its resume URL gets its own chances
       this.user = frame.d.user;
       this._attempt = 0;
       const resync = this._everReady || this._needsResync;
@@ -507,10 +535,22 @@ export class SplitchatClient {
     } catch {
       // already closing
     }
-    this._scheduleReconnect({ reason });
+    this._scheduleReconnect({ reason, ...this._attemptEnded() });
   }
 
-  _handleClose(code, reason) {
+  // Bookkeeping when a connection attempt ends (however it ended): an attempt on the resume URL
+  // that never got HELLO counts against it. Returns extra info for the "reconnecting" state.
+  _attemptEnded() {
+    clearTimeout(this._handshakeTimer);
+    this._handshakeTimer = null;
+    const failed = this._viaResumeUrl && !this._helloSeen;
+    this._viaResumeUrl = false;
+    if (!failed) return {};
+    this._resumeUrlFailures += 1;
+    return this._resumeUrlFailures === RESUME_URL_ATTEMPTS ? { resumeUrlGivenUp: true } : {};
+  }
+
+  _handleClose(code, reason, attemptInfo = {}) {
     if (this._stopped) return;
     if (FATAL_CLOSE_CODES.has(code)) {
       this._stopped = true;
@@ -524,7 +564,7 @@ export class SplitchatClient {
       this.seq = null;
       this._needsResync = true;
     }
-    this._scheduleReconnect({ code, reason });
+    this._scheduleReconnect({ code, reason, ...attemptInfo });
   }
 
   _scheduleReconnect(info) {
