@@ -79,7 +79,7 @@ class _Driver:
         await app(_scope(path, body), receive, send)
 
 
-async def _measure(requests: int, profile: bool) -> None:
+async def _measure(requests: int, profile: bool, sort: str) -> None:
     driver = _Driver()
     targets = {"endpoint": "/api/channels/c1/messages", "bare": "/bare/channels/c1/messages"}
     async with app.router.lifespan_context(app):
@@ -104,15 +104,18 @@ async def _measure(requests: int, profile: bool) -> None:
             for _ in range(requests // 2):
                 await driver.one(targets["endpoint"])
             profiler.disable()
-            pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+            pstats.Stats(profiler).sort_stats(sort).print_stats(40)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--requests", type=int, default=20000, help="requests per target (bounded: 200k)")
     parser.add_argument("--profile", action="store_true", help="also print a cProfile of the endpoint")
+    parser.add_argument("--sort", default="tottime", help="cProfile sort key (tottime, cumulative)")
     args = parser.parse_args()
-    asyncio.run(_measure(min(args.requests, 200_000), args.profile))
+    asyncio.run(_measure(min(args.requests, 200_000), args.profile, args.sort))
 
 
 if __name__ == "__main__":
