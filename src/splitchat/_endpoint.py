@@ -536,7 +536,8 @@ class CommandEndpoint:
                 if not shown.allowed:
                     raise RateLimited(shown, "You are being rate limited.")
         if has_route_limit:
-            major = ":".join(params[p] for p in command._major)
+            fields = command._major
+            major = params[fields[0]] if len(fields) == 1 else ":".join([params[p] for p in fields])
             if command.rate_limit is not None:
                 shown = await limiter.hit(
                     f"route:{command.name}:{major}:{who}", command.rate_limit, bucket=command.name, now=now

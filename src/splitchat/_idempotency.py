@@ -76,13 +76,9 @@ class ClaimResult(msgspec.Struct, frozen=True, gc=False):
 
 def request_fingerprint(method: str, path: str, body: bytes) -> str:
     """A digest of what makes two requests "the same": method, path and exact body bytes."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(method.encode())
-    digest.update(b"\0")
-    digest.update(path.encode())
-    digest.update(b"\0")
-    digest.update(body)
-    return digest.hexdigest()
+    # One buffer, one update: the same digest as feeding the parts one by one.
+    head = f"{method}\0{path}\0".encode()
+    return hashlib.blake2b(head + body, digest_size=16).hexdigest()
 
 
 class IdempotencyStore(abc.ABC):
@@ -270,6 +266,18 @@ class InMemoryIdempotencyStore(IdempotencyStore):
         if entry is not None:
             if owner is not None and entry.owner != owner and entry.expires > now:
                 return  # our claim expired and someone else holds the key now
+            if entry.response is None:
+                # The usual case, the owner completing its claim: update the entry in place and
+                # move it to the back of each order, exactly what removing and re-adding it does
+                # (with the entry gone there is always room again, so no eviction can happen).
+                entry.fingerprint, entry.expires = fingerprint, now + ttl
+                entry.response, entry.owner = response, None
+                self._entries.move_to_end(key)
+                self._completed[key] = None
+                self._per_principal[entry.scope].move_to_end(key)
+                if entry.expires < self._earliest_expiry:
+                    self._earliest_expiry = entry.expires
+                return
             self._remove(key)
         scope = principal_of(key)
         if not self._make_room(scope, now):
