@@ -68,6 +68,8 @@ def validation_errors(exc: msgspec.ValidationError) -> dict[str, str]:
 
 def is_json(content_type: str) -> bool:
     """Whether a Content-Type is JSON (``application/json`` or ``application/*+json``, any parameters)."""
+    if content_type == "application/json":
+        return True  # what nearly every client sends: skip the parsing
     media = content_type.partition(";")[0].strip().lower()
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
