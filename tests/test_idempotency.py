@@ -121,6 +121,24 @@ async def test_entries_per_principal_are_capped() -> None:
         InMemoryIdempotencyStore(max_entries_per_principal=0)
 
 
+async def test_an_expired_entry_behind_a_live_one_frees_room_at_the_bound() -> None:
+    # _purge skips its scan while nothing can have expired; a short TTL added after a long one
+    # must still lower that bound, or the expired entry would keep the room.
+    clock = FakeClock()
+    store = InMemoryIdempotencyStore(max_entries=100, max_entries_per_principal=3, clock=clock)
+    await store.claim("u\0cmd\0long", "fp", 300)
+    await store.claim("u\0cmd\0short", "fp", 5)
+    await store.claim("u\0cmd\0mid", "fp", 100)
+    assert (await store.claim("u\0cmd\0next", "fp", 300)).state == "full"  # all in flight, none expired
+    clock.now += 6
+    assert (await store.claim("u\0cmd\0next", "fp", 300)).state == "claimed"  # "short" purged
+    assert (await store.claim("u\0cmd\0short", "fp", 300)).state == "full"
+    assert (await store.claim("u\0cmd\0long", "fp", 300)).state == "in_progress"
+    clock.now += 95  # "mid" expires next: the bound was recomputed from the live entries
+    assert (await store.claim("u\0cmd\0short", "fp", 300)).state == "claimed"
+    assert len(store) == 3
+
+
 async def test_a_late_owner_cannot_release_or_overwrite_a_newer_claim() -> None:
     clock = FakeClock()
     store = InMemoryIdempotencyStore(clock=clock)

@@ -293,11 +293,8 @@ class CommandEndpoint:
         await send({"type": "lifespan.shutdown.complete"})
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            self.openapi_path is not None
-            and scope.get("method") == "GET"
-            and route_path(scope) == self.openapi_path
-        ):
+        path = route_path(scope)  # once: routing and the idempotency fingerprint both need it
+        if self.openapi_path is not None and path == self.openapi_path and scope.get("method") == "GET":
             document = self._openapi_bytes(str(scope.get("root_path", "")))
             await send_reply(send, Reply(200, document))
             return
@@ -323,6 +320,7 @@ class CommandEndpoint:
         try:
             reply = await self._pipeline(
                 scope,
+                path,
                 receive,
                 outcome,
                 rate_headers,
@@ -411,6 +409,9 @@ class CommandEndpoint:
         status: int,
         started: float,
     ) -> None:
+        sink = self.audit_sink
+        if type(sink) is LoggingAuditSink and not sink.logger.isEnabledFor(sink.level):
+            return  # the default sink would drop the record: do not build it (custom sinks get all)
         record = AuditRecord(
             request_id=request_id,
             principal_id=outcome.principal.id if outcome.principal else None,
@@ -425,13 +426,11 @@ class CommandEndpoint:
             client=client,
         )
         try:
-            await self.audit_sink(record)
+            await sink(record)
         except Exception:
             logger.exception("audit sink failed (request %s)", request_id)
 
-    def _route(self, scope: Scope) -> tuple[Command, dict[str, str]]:
-        path = route_path(scope)
-        method = scope.get("method", "")
+    def _route(self, path: str, method: str) -> tuple[Command, dict[str, str]]:
         allowed: list[str] = []
         for command in self._commands:
             match = command._regex.fullmatch(path)
@@ -449,6 +448,7 @@ class CommandEndpoint:
     async def _pipeline(
         self,
         scope: Scope,
+        path: str,
         receive: Receive,
         outcome: _Outcome,
         rate_headers: list[tuple[str, str]],
@@ -470,7 +470,7 @@ class CommandEndpoint:
                 raise RateLimited(guard, "You are being blocked from accessing the API temporarily.")
 
         # 1. Route and headers.
-        command, params = self._route(scope)
+        command, params = self._route(path, scope.get("method", ""))
         outcome.command = command
         if command._decoder is not None:
             if content_type is None or not is_json(content_type):
@@ -536,7 +536,8 @@ class CommandEndpoint:
                 if not shown.allowed:
                     raise RateLimited(shown, "You are being rate limited.")
         if has_route_limit:
-            major = ":".join(params[p] for p in command._major)
+            fields = command._major
+            major = params[fields[0]] if len(fields) == 1 else ":".join([params[p] for p in fields])
             if command.rate_limit is not None:
                 shown = await limiter.hit(
                     f"route:{command.name}:{major}:{who}", command.rate_limit, bucket=command.name, now=now
@@ -596,7 +597,7 @@ class CommandEndpoint:
             return await self._execute(ctx, body, outcome)
         store = self.idempotency_store
         scoped_key = f"{who}\0{command.name}\0{nonce}"
-        fingerprint = request_fingerprint(command.method, route_path(scope), raw)
+        fingerprint = request_fingerprint(command.method, path, raw)
         claim = await store.claim(scoped_key, fingerprint, self.idempotency_ttl)
         if claim.fingerprint != fingerprint:
             raise error(422, "idempotency_conflict", "This idempotency key was used with a different request")

@@ -68,6 +68,8 @@ def validation_errors(exc: msgspec.ValidationError) -> dict[str, str]:
 
 def is_json(content_type: str) -> bool:
     """Whether a Content-Type is JSON (``application/json`` or ``application/*+json``, any parameters)."""
+    if content_type == "application/json":
+        return True  # what nearly every client sends: skip the parsing
     media = content_type.partition(";")[0].strip().lower()
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
@@ -168,12 +170,47 @@ async def read_body(receive: Receive, limit: int) -> bytes:
             return b"".join(chunks)
 
 
+_ENCODED_NAMES: dict[str, bytes] = {
+    name: name.encode("latin-1")
+    for name in (
+        "content-type",
+        "x-event-id",
+        "x-event-position",
+        "x-request-id",
+        "x-ratelimit-limit",
+        "x-ratelimit-remaining",
+        "x-ratelimit-reset",
+        "x-ratelimit-reset-after",
+        "x-ratelimit-bucket",
+        "x-ratelimit-scope",
+        "x-ratelimit-global",
+        "retry-after",
+        "allow",
+        "www-authenticate",
+        "idempotent-replayed",
+    )
+}
+_JSON = b"application/json"
+
+
 async def send_reply(send: Send, reply: Reply) -> None:
     """Send ``reply`` as ASGI messages (adds Content-Length and a JSON Content-Type)."""
-    headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in reply.headers]
+    names = _ENCODED_NAMES
+    has_type = False
+    headers: list[tuple[bytes, bytes]] = []
+    for name, value in reply.headers:
+        encoded = names.get(name)
+        if encoded is None:
+            encoded = name.encode("latin-1")
+        if name == "content-type":
+            has_type = True
+            # The endpoint's own Content-Type is always this one: skip encoding it.
+            headers.append((encoded, _JSON if value == "application/json" else value.encode("latin-1")))
+        else:
+            headers.append((encoded, value.encode("latin-1")))
     if reply.status != 204:
-        headers.append((b"content-length", str(len(reply.body)).encode()))
-        if not any(name == b"content-type" for name, _ in headers):
-            headers.append((b"content-type", b"application/json"))
+        headers.append((b"content-length", b"%d" % len(reply.body)))
+        if not has_type:
+            headers.append((b"content-type", _JSON))
     await send({"type": "http.response.start", "status": reply.status, "headers": headers})
     await send({"type": "http.response.body", "body": reply.body if reply.status != 204 else b""})

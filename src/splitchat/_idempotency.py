@@ -19,6 +19,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import itertools
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -75,13 +76,9 @@ class ClaimResult(msgspec.Struct, frozen=True, gc=False):
 
 def request_fingerprint(method: str, path: str, body: bytes) -> str:
     """A digest of what makes two requests "the same": method, path and exact body bytes."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(method.encode())
-    digest.update(b"\0")
-    digest.update(path.encode())
-    digest.update(b"\0")
-    digest.update(body)
-    return digest.hexdigest()
+    # One buffer, one update: the same digest as feeding the parts one by one.
+    head = f"{method}\0{path}\0".encode()
+    return hashlib.blake2b(head + body, digest_size=16).hexdigest()
 
 
 class IdempotencyStore(abc.ABC):
@@ -174,6 +171,10 @@ class InMemoryIdempotencyStore(IdempotencyStore):
         self._completed: OrderedDict[str, None] = OrderedDict()  # completion order (eviction)
         self._per_principal: dict[str, OrderedDict[str, None]] = {}  # every key of a principal
         self._owners = itertools.count(1)
+        # A lower bound on the earliest expiry of any entry: no entry can be expired before it.
+        # Lets _purge skip its full scan; without it, a principal at its bound (one busy user,
+        # a benchmark) paid an O(entries) scan per request (~100 us at 1,000 entries).
+        self._earliest_expiry = math.inf
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -188,6 +189,8 @@ class InMemoryIdempotencyStore(IdempotencyStore):
 
     def _add(self, key: str, entry: _Entry) -> None:
         self._entries[key] = entry
+        if entry.expires < self._earliest_expiry:
+            self._earliest_expiry = entry.expires
         if entry.response is not None:
             self._completed[key] = None
         self._per_principal.setdefault(entry.scope, OrderedDict())[key] = None
@@ -204,8 +207,20 @@ class InMemoryIdempotencyStore(IdempotencyStore):
 
     def _purge(self, now: float) -> None:
         # Only when a bound is hit: an expired entry behind a live one must not take the room.
-        for key in [k for k, e in self._entries.items() if e.expires <= now]:
+        # Removals only raise the true earliest expiry, so the bound stays a lower bound and the
+        # scan runs only once something may really have expired (then the bound is made exact).
+        if now < self._earliest_expiry:
+            return
+        earliest = math.inf
+        expired: list[str] = []
+        for key, entry in self._entries.items():
+            if entry.expires <= now:
+                expired.append(key)
+            elif entry.expires < earliest:
+                earliest = entry.expires
+        for key in expired:
             self._remove(key)
+        self._earliest_expiry = earliest
 
     def _make_room(self, scope: str, now: float) -> bool:
         mine = self._per_principal.get(scope)
@@ -251,6 +266,18 @@ class InMemoryIdempotencyStore(IdempotencyStore):
         if entry is not None:
             if owner is not None and entry.owner != owner and entry.expires > now:
                 return  # our claim expired and someone else holds the key now
+            if entry.response is None:
+                # The usual case, the owner completing its claim: update the entry in place and
+                # move it to the back of each order, exactly what removing and re-adding it does
+                # (with the entry gone there is always room again, so no eviction can happen).
+                entry.fingerprint, entry.expires = fingerprint, now + ttl
+                entry.response, entry.owner = response, None
+                self._entries.move_to_end(key)
+                self._completed[key] = None
+                self._per_principal[entry.scope].move_to_end(key)
+                if entry.expires < self._earliest_expiry:
+                    self._earliest_expiry = entry.expires
+                return
             self._remove(key)
         scope = principal_of(key)
         if not self._make_room(scope, now):

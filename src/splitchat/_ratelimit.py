@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from functools import lru_cache
+from itertools import repeat
 from typing import Any, Literal
 
 import limits
@@ -73,6 +75,78 @@ class _InlineExpiryMemoryStorage(MemoryStorage):
 
 
 _MAX_CACHED_KEYS = 4096
+
+
+class _MovingWindows:
+    """An exact in-process moving window per key, O(1) amortised per hit.
+
+    The same decisions as ``limits``' moving window on its memory storage (a hit at time ``t`` is
+    in the window while ``t >= now - expiry``; a hit is allowed when the hits in the window plus
+    its cost stay within the limit), but each key holds a deque of hit times, oldest first:
+    expired hits leave from the left, new ones join on the right. The stock storage inserts every
+    hit at the *head* of a list (a memmove of every hit in the window) under a per-key lock and
+    bisects it to count: ~6 us per hit at 1,000 hits in the window, against ~0.5 here.
+
+    Memory: a key holds at most ``limit`` hits (refused hits are not recorded); a key whose
+    newest hit has expired is dropped by a sweep run inline at most once per ``sweep_interval``.
+    """
+
+    __slots__ = ("_next_sweep", "_sweep_interval", "_windows")
+
+    def __init__(self, sweep_interval: float = 1.0) -> None:
+        self._windows: dict[str, tuple[deque[float], int]] = {}
+        self._sweep_interval = sweep_interval
+        self._next_sweep = 0.0
+
+    def __len__(self) -> int:
+        return len(self._windows)
+
+    def _live(self, key: str, expiry: int, now: float) -> deque[float]:
+        if now >= self._next_sweep:
+            self._sweep(now)
+        window = self._windows.get(key)
+        if window is None:
+            hits: deque[float] = deque()
+            self._windows[key] = (hits, expiry)
+            return hits
+        hits = window[0]
+        floor = now - expiry
+        while hits and hits[0] < floor:
+            hits.popleft()
+        return hits
+
+    def _sweep(self, now: float) -> None:
+        self._next_sweep = now + self._sweep_interval
+        windows = self._windows
+        for key in [k for k, (hits, expiry) in windows.items() if not hits or hits[-1] < now - expiry]:
+            del windows[key]
+
+    def hit(self, key: str, limit: int, expiry: int, cost: int, now: float) -> tuple[bool, float, int]:
+        """Count ``cost`` hits if they fit; returns (allowed, window start, hits in the window)."""
+        hits = self._live(key, expiry, now)
+        allowed = len(hits) + cost <= limit
+        if allowed:
+            if cost == 1:
+                hits.append(now)
+            else:
+                hits.extend(repeat(now, cost))
+        return allowed, hits[0] if hits else now, len(hits)
+
+    def peek(self, key: str, limit: int, expiry: int, now: float) -> tuple[bool, float, int]:
+        """What a hit of cost 1 would be told, without counting it."""
+        window = self._windows.get(key)
+        if window is None:
+            return limit >= 1, now, 0
+        hits = self._live(key, expiry, now)
+        return len(hits) + 1 <= limit, hits[0] if hits else now, len(hits)
+
+    def clear(self, key: str) -> None:
+        """Forget every hit of ``key``."""
+        self._windows.pop(key, None)
+
+    def reset(self) -> None:
+        """Forget every key."""
+        self._windows.clear()
 
 
 def _memory_storage() -> MemoryStorage:
@@ -192,12 +266,11 @@ class RateLimiter:
             self._async = _ASYNC_STRATEGIES[strategy](self._storage)
         else:
             self._sync = _SYNC_STRATEGIES[strategy](self._storage)
-        # The in-process moving window (the default) is driven through the storage directly:
-        # the same two storage calls the ``limits`` strategy makes, but with the storage key
-        # built once per (key, limit) instead of twice per hit (``key_for`` was ~3.5 us a call,
-        # a third of the limiter's cost per request).
-        self._moving_memory: _InlineExpiryMemoryStorage | None = (
-            self._storage
+        # The in-process moving window (the default) is served by _MovingWindows, not through
+        # ``limits``: the same decisions at O(1) per hit, and the storage key built once per
+        # (key, limit) instead of twice per hit (``key_for`` was ~3.5 us a call).
+        self._moving_memory: _MovingWindows | None = (
+            _MovingWindows()
             if strategy == "moving" and isinstance(self._storage, _InlineExpiryMemoryStorage)
             else None
         )
@@ -241,13 +314,13 @@ class RateLimiter:
         ``now`` is the caller's current epoch time, only used to compute ``reset_after``.
         """
         item = parse_limit(limit) if isinstance(limit, str) else limit
-        storage = self._moving_memory
+        windows = self._moving_memory
         allowed: bool
-        if storage is not None:
-            storage_key = self._storage_key(key, item)
+        if windows is not None:
             expiry = item.get_expiry()
-            allowed = storage.acquire_entry(storage_key, item.amount, expiry, amount=cost)
-            window_start, used = storage.get_moving_window(storage_key, item.amount, expiry)
+            allowed, window_start, used = windows.hit(
+                self._storage_key(key, item), item.amount, expiry, cost, time.time()
+            )
             reset, remaining = window_start + expiry, item.amount - used
         else:
             allowed = await self._call("hit", item, key, cost=cost)
@@ -261,10 +334,10 @@ class RateLimiter:
         to the client unless exceeded (then ask :meth:`peek` for the headers).
         """
         item = parse_limit(limit) if isinstance(limit, str) else limit
-        storage = self._moving_memory
-        if storage is not None:
+        windows = self._moving_memory
+        if windows is not None:
             storage_key = self._storage_key(key, item)
-            return storage.acquire_entry(storage_key, item.amount, item.get_expiry(), amount=cost)
+            return windows.hit(storage_key, item.amount, item.get_expiry(), cost, time.time())[0]
         allowed: bool = await self._call("hit", item, key, cost=cost)
         return allowed
 
@@ -279,13 +352,25 @@ class RateLimiter:
     ) -> RateLimitDecision:
         """The decision a hit would get, without counting one (``allowed`` = budget left)."""
         item = parse_limit(limit) if isinstance(limit, str) else limit
-        allowed: bool = await self._call("test", item, key)
-        reset, remaining = await self._call("get_window_stats", item, key)
+        windows = self._moving_memory
+        allowed: bool
+        if windows is not None:
+            expiry = item.get_expiry()
+            allowed, window_start, used = windows.peek(
+                self._storage_key(key, item), item.amount, expiry, time.time()
+            )
+            reset, remaining = window_start + expiry, item.amount - used
+        else:
+            allowed = await self._call("test", item, key)
+            reset, remaining = await self._call("get_window_stats", item, key)
         return _decision(allowed, item, reset, remaining, bucket or key, scope, now)
 
     async def clear(self, key: str, limit: str | RateLimitItem) -> None:
         """Forget every hit of ``key`` under ``limit``."""
         item = parse_limit(limit) if isinstance(limit, str) else limit
+        if self._moving_memory is not None:
+            self._moving_memory.clear(self._storage_key(key, item))
+            return
         await self._call("clear", item, key)
 
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -313,6 +398,8 @@ class RateLimiter:
 
     async def reset(self) -> None:
         """Forget every hit of every key (tests, admin tooling)."""
+        if self._moving_memory is not None:
+            self._moving_memory.reset()
         result = self._storage.reset()
         if not isinstance(result, int | None):
             await result

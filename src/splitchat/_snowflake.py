@@ -33,7 +33,7 @@ class SnowflakeGenerator:
         if not 0 <= worker_id <= _MAX_WORKER:
             raise ValueError(f"worker_id must be in 0..{_MAX_WORKER}, got {worker_id}")
         self.worker_id = worker_id
-        self._clock_ms = clock_ms if callable(clock_ms) else _now_ms
+        self._clock_ms = clock_ms if callable(clock_ms) else None  # None: the wall clock, inlined
         self._lock = threading.Lock()
         self._last_ms = -1
         self._sequence = 0
@@ -41,7 +41,9 @@ class SnowflakeGenerator:
     def next_id(self) -> int:
         """Return a new id, strictly greater than every id this generator returned before."""
         with self._lock:
-            now = max(int(self._clock_ms()) - SPLITCHAT_EPOCH_MS, self._last_ms)
+            clock = self._clock_ms
+            millis = time.time_ns() // 1_000_000 if clock is None else int(clock())
+            now = max(millis - SPLITCHAT_EPOCH_MS, self._last_ms)
             if now == self._last_ms:
                 self._sequence = (self._sequence + 1) & _MAX_SEQUENCE
                 if self._sequence == 0:
@@ -63,7 +65,3 @@ def snowflake_time(snowflake: int | str) -> datetime:
     """Return the UTC creation time encoded in a snowflake."""
     ms = (int(snowflake) >> (_WORKER_BITS + _SEQUENCE_BITS)) + SPLITCHAT_EPOCH_MS
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
