@@ -8,7 +8,7 @@ proxy sends new connections to another node (no sticky sessions).
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -16,7 +16,6 @@ import anyio
 import httpx
 import nats
 import pytest
-import redis.asyncio as aioredis
 
 from splitchat.client import Dispatch, Resumed, Resync, RetryPolicy, SplitchatClient
 
@@ -34,19 +33,6 @@ ROOM = "room"
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture
-async def prefix() -> AsyncIterator[str]:
-    value = f"splitchat-test:{uuid.uuid4().hex[:10]}:"
-    yield value
-    client = aioredis.Redis.from_url(REDIS)
-    try:
-        keys = [key async for key in client.scan_iter(match=f"{value}*", count=500)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture

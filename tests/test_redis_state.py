@@ -6,7 +6,6 @@ Two store objects on two separate clients stand for two nodes.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 import anyio
@@ -27,19 +26,6 @@ BOB = Principal(id="bob:1", name="Bob")  # a ':' in the id must not confuse leas
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture
-async def prefix() -> AsyncIterator[str]:
-    value = f"splitchat-test:{uuid.uuid4().hex[:10]}:"
-    yield value
-    client = aioredis.Redis.from_url(URL)
-    try:
-        keys = [key async for key in client.scan_iter(match=f"{value}*", count=500)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture

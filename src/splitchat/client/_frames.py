@@ -12,6 +12,9 @@ from typing import Any, Literal
 
 import msgspec
 
+# One definition of the opcodes for both sides of the wire (the gateway's pure vocabulary module).
+from .._protocol_types import Op as Opcode
+
 __all__ = (
     "CloseCode",
     "Encoding",
@@ -22,21 +25,6 @@ __all__ = (
 )
 
 Encoding = Literal["json", "msgpack"]
-
-
-class Opcode(IntEnum):
-    """Gateway opcodes (fixed wire protocol)."""
-
-    DISPATCH = 0
-    HEARTBEAT = 1
-    IDENTIFY = 2
-    RESUME = 6
-    RECONNECT = 7
-    INVALID_SESSION = 9
-    HELLO = 10
-    HEARTBEAT_ACK = 11
-    SUBSCRIBE = 12
-    UNSUBSCRIBE = 13
 
 
 class CloseCode(IntEnum):
