@@ -11,6 +11,12 @@ sessions, presence and drain as the ASGI route; only the socket layer differs:
 * **One write per connection per loop iteration.** Fan-out marks a connection dirty; one
   ``call_soon`` callback per server drains every dirty outbox and writes each connection's frames
   with a single ``transport.write`` (header + shared JSON prefix + ``s`` + ``}`` per frame).
+  Flushing in slices: once ``_FLUSH_SLICE`` connections are dirty, they are written at once,
+  from inside the fan-out, so the first recipients' bytes leave while the rest are still being
+  queued (the clients read while the fan-out goes on, instead of after all of it). Only until a
+  connection already written by a slice is marked again in the same loop iteration (several
+  events per iteration, i.e. under load): from then on the iteration's frames are coalesced into
+  one write per connection, as without slicing, so throughput does not pay for the latency gain.
 * **Backpressure from the transport.** A connection stops draining its outbox while the
   transport's write buffer is above ``write_buffer_limit`` (``pause_writing``); its bounded
   outbox then overflows and the core closes it with 4010, exactly as on the ASGI path. Bytes in
@@ -60,6 +66,9 @@ logger = logging.getLogger("splitchat.gateway")
 _SYNC_ACTIONS = (Close, Checkpoint)
 _JSON_SUFFIX = b"}"
 _CLOSE_GRACE_SLOW = 0.5  # a stalled client will not read its close frame: abort soon
+# Dirty connections written straight away during a fan-out: large enough that the per-flush cost
+# is amortised, small enough that the first bytes of an event to 1,000 clients leave early.
+_FLUSH_SLICE = 64
 
 
 class _FastLocal(_Local):
@@ -112,6 +121,7 @@ class _GatewayProtocol(asyncio.Protocol):
         "paused",
         "pending",
         "server",
+        "sliced_in",
         "transport",
     )
 
@@ -123,6 +133,7 @@ class _GatewayProtocol(asyncio.Protocol):
         self.parser: FrameParser | None = None
         self.opcode = OP_TEXT
         self.dirty = False
+        self.sliced_in = -1  # the server's flush round in which a slice flush last wrote it
         self.paused = False
         self.busy = False  # an async action is running: reading is paused, frames wait in pending
         self.pending: list[tuple[int, bytes]] = []
@@ -490,6 +501,10 @@ class GatewayServer:
         self._server: asyncio.Server | None = None
         self._protocols: set[_GatewayProtocol] = set()
         self._dirty: list[_GatewayProtocol] = []
+        self._flush_scheduled = False  # a _flush_soon callback is pending
+        self._flushing = False  # inside _flush_dirty: never nest a slice flush
+        self._round = 0  # counts _flush_soon calls (loop iterations with writes)
+        self._slicing = True  # this round may still flush in slices
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -559,15 +574,42 @@ class GatewayServer:
         self._protocols.add(protocol)
 
     def _mark_dirty(self, protocol: _GatewayProtocol) -> None:
-        if not self._dirty and self._loop is not None:
-            self._loop.call_soon(self._flush_dirty)
-        self._dirty.append(protocol)
+        dirty = self._dirty
+        dirty.append(protocol)
+        if protocol.sliced_in == self._round:
+            self._slicing = False  # a second event for it this round: coalesce from now on
+        elif len(dirty) >= _FLUSH_SLICE and self._slicing and not self._flushing:
+            # A full slice (a fan-out in progress): write it now rather than after the last
+            # recipient is queued. Nothing here awaits or changes routing, and transport errors
+            # surface later through connection_lost, so the caller's iteration is unaffected.
+            current = self._round
+            for sliced in dirty:
+                sliced.sliced_in = current
+            self._flush_dirty()
+        if not self._flush_scheduled and self._dirty and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self._flush_scheduled = False
+        self._round += 1
+        self._slicing = True
+        self._flush_dirty()
 
     def _flush_dirty(self) -> None:
+        # Connections re-marked while flushing (more than one write's worth queued) land in the
+        # fresh list and are written on a later flush, never in this one.
         dirty, self._dirty = self._dirty, []
-        for protocol in dirty:
-            if protocol.dirty:
-                protocol.flush()
+        self._flushing = True
+        try:
+            for protocol in dirty:
+                if protocol.dirty:
+                    try:
+                        protocol.flush()
+                    except Exception:  # a bug must not stop the other connections' writes
+                        logger.exception("gateway write failed")
+        finally:
+            self._flushing = False
 
     def _connection_ended(self, local: _FastLocal) -> None:
         gateway = self.gateway
