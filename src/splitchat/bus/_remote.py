@@ -10,7 +10,7 @@ must never reach a log line or an exception message: :meth:`RemoteBus._where` an
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -76,6 +76,18 @@ class RemoteBus(Bus):
         self._subscriptions.clear()
         self._channels.clear()
         await self._disconnect()
+
+    def _detach(self, sub: LocalSubscription, channels: Iterable[str]) -> None:
+        """Stop routing ``channels`` to ``sub``; a channel nobody here reads is forgotten."""
+        for name in channels:
+            state = self._channels.get(name)
+            if state is None:
+                continue
+            state.subs.discard(sub)
+            if not state.subs:
+                del self._channels[name]
+        if not sub.channels:
+            self._subscriptions.discard(sub)
 
     def _where(self) -> str:
         """The servers as ``host:port`` (comma-separated), safe for logs and exceptions."""

@@ -467,17 +467,6 @@ class NatsBus(RemoteBus):
             sub.floor[name] = floors[name]
             state.subs.add(sub)
 
-    def _detach(self, sub: LocalSubscription, channels: Iterable[str]) -> None:
-        for name in channels:
-            state = self._channels.get(name)
-            if state is None:
-                continue
-            state.subs.discard(sub)
-            if not state.subs:
-                del self._channels[name]
-        if not sub.channels:
-            self._subscriptions.discard(sub)
-
     def _channel_of(self, subject: str) -> str | None:
         return token_channel(subject.rsplit(".", 1)[-1])
 

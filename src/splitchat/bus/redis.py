@@ -415,17 +415,6 @@ class RedisBus(RemoteBus):
         if grew:
             await self._wake_reader()
 
-    def _detach(self, sub: LocalSubscription, channels: Iterable[str]) -> None:
-        for name in channels:
-            state = self._channels.get(name)
-            if state is None:
-                continue
-            state.subs.discard(sub)
-            if not state.subs:
-                del self._channels[name]
-        if not sub.channels:
-            self._subscriptions.discard(sub)
-
     async def _wake_reader(self) -> None:
         """Make the reader include newly attached channels now rather than after its block."""
         self._generation += 1
